@@ -1,0 +1,62 @@
+# LoyaltyLens — every target installs what it needs first. `make` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export LOYALTYLENS_HOME ?= $(CURDIR)/workspace
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+# llama-cpp-python compiles from source: portable CPU build, library only (~3 min once, then pip's wheel cache)
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+UI_DEPS := $(wildcard ui/package.json ui/package-lock.json)
+
+.PHONY: help install demo test sync readme nbtest pytest chain bench docs clean
+
+help: ## list the targets
+	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install torch (CPU) + the package with [dev,cloud]; a no-op when up to date
+
+$(STAMP): pyproject.toml $(UI_DEPS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,cloud]"
+	@if [ -f ui/package.json ]; then cd ui && npm ci --no-audit --no-fund && npm run build; fi
+	@touch $@
+
+demo: install ## run the main job on embedded defaults and say where its outputs are
+	$(BIN)/loyaltylens demo
+
+test: install sync nbtest pytest ## everything: sync checks, nbdev-test, pytest (chain included)
+
+sync: install ## fail when nbdev-export, nbdev-clean or the README render would change the tree
+	@snap() { git status --porcelain --untracked-files=all; git diff | md5sum; git ls-files -o --exclude-standard | xargs -r md5sum; }; \
+	before="$$(snap)"; \
+	$(BIN)/nbdev-export && $(BIN)/nbdev-clean && $(MAKE) -s readme; \
+	if [ "$$before" != "$$(snap)" ]; then echo "FAIL: nbdev-export/nbdev-clean/nbdev-readme changed the tree:"; git status --short; exit 1; fi; \
+	echo "sync: notebooks, package and README agree"
+
+readme: install ## README.md from nbs/index.ipynb: nbdev-readme when quarto is installed, else tools/readme.py
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev-readme; else $(BIN)/python tools/readme.py; fi
+
+nbtest: install ## run every notebook's cells as tests (parallel, IN_TEST sizes)
+	$(BIN)/nbdev-test --n-workers 2 --timing
+
+pytest: install ## integration, browser, load, fuzz tests and the papermill chain
+	$(BIN)/pytest tests
+
+chain: install ## run all notebooks in order with papermill (SMOKE=True) into _runs/
+	$(BIN)/pytest tests/test_chain.py
+
+bench: install ## run every benchmark at default sizes
+	$(BIN)/loyaltylens bench all
+
+docs: install ## build the docs site (needs quarto; GitHub's docs workflow has it)
+	$(BIN)/nbdev-docs
+
+clean: ## remove generated artefacts (workspace, _runs, _docs, _proc); keeps .venv
+	rm -rf workspace _runs _docs _proc .pytest_cache
