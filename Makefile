@@ -18,15 +18,15 @@ UI_DEPS := $(wildcard ui/package.json ui/package-lock.json)
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install torch (CPU) + the package with [dev,cloud]; a no-op when up to date
-
-$(STAMP): pyproject.toml $(UI_DEPS)
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,cloud]"
-	@if [ -f ui/package.json ]; then cd ui && npm ci --no-audit --no-fund && npm run build; fi
-	@touch $@
+install: ## create .venv and install torch (CPU) + the package with [dev,cloud]; a no-op when up to date
+	@want="$$(cat pyproject.toml $(UI_DEPS) | sha1sum)"; \
+	if [ -x $(BIN)/loyaltylens ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$want" ]; then echo "install: .venv is up to date"; exit 0; fi; \
+	set -e; test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	$(BIN)/python -m pip install -q --upgrade pip; \
+	$(BIN)/pip install -q torch==2.13.0; \
+	$(BIN)/pip install -q -e ".[dev,cloud]"; \
+	if [ -f ui/package.json ]; then (cd ui && npm ci --no-audit --no-fund && npm run build); fi; \
+	echo "$$want" > $(STAMP); echo "install: done"
 
 demo: install ## run the main job on embedded defaults and say where its outputs are
 	$(BIN)/loyaltylens demo
