@@ -1,0 +1,282 @@
+"""Integration tests of loyaltylens.features: the SQL against a pandas reference, a writer killed mid-version,
+bad Parquet input through the real CLI, drift knobs, the catalog text, and leakage/learnability on the default world."""
+import json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from loyaltylens.features import (CHANNELS, EVENT_TYPES, FEATURE_COLUMNS, FeatureStore, DataValidationError, compute_features,
+                                  default_store, default_world, generate_world, make_offers, router, served_store)
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+CLI = str(Path(PY).parent / "loyaltylens")
+DAY = pd.Timedelta(days=1)
+T = pd.Timestamp("2024-04-01", tz="UTC")
+
+
+# ---------------------------------------------------------------- the definitions, against an independent reference
+def reference_features(ev: pd.DataFrame, t: pd.Timestamp) -> pd.DataFrame:
+    "DESIGN.md's definitions, written plainly in pandas, one customer at a time."
+    rows = []
+    for cid, g in ev[ev.timestamp < t].groupby("customer_id"):
+        rec = int((t - g.timestamp.max()) // DAY)
+        w30, w90 = g[g.timestamp >= t - 30 * DAY], g[g.timestamp >= t - 90 * DAY]
+        freq = int((w30.event_type == "purchase").sum())
+        mon = float(w90.loc[w90.event_type == "purchase", "amount"].sum())
+        v, r = (w90.event_type == "offer_view").sum(), (w90.event_type == "redeem").sum()
+        rate = 0.0 if v == 0 else min(1.0, r / v)
+        src = w90 if len(w90) else g
+        counts = src.channel.value_counts()
+        pref = max(CHANNELS, key=lambda c: (counts.get(c, 0), -CHANNELS.index(c)))
+        eng = 0.30 * (1 - min(rec, 90) / 90) + 0.25 * min(1, freq / 20) + 0.25 * min(1, mon / 100) + 0.20 * rate
+        rows.append((cid, rec, freq, mon, rate, pref, eng))
+    return pd.DataFrame(rows, columns=["customer_id", *FEATURE_COLUMNS])
+
+
+def random_events(seed: int, n: int = 400) -> pd.DataFrame:
+    "Small random event tables with many timestamps exactly on window edges and many channel ties."
+    rng = np.random.default_rng(seed)
+    edges = np.array([0, 30, 90, 1, 29, 31, 89, 91, 200]) * DAY
+    offs = np.where(rng.random(n) < 0.4, edges[rng.integers(0, len(edges), n)],
+                    pd.to_timedelta(rng.integers(-3600 * 24 * 120, 3600 * 24 * 5, n), unit="s"))
+    etype = np.asarray(EVENT_TYPES)[rng.integers(0, 4, n)]
+    amount = np.where(etype == "purchase", np.round(rng.uniform(0, 80, n), 2), np.nan)
+    offer = np.where(np.isin(etype, ["offer_view", "redeem"]), "OF000001", None)
+    return pd.DataFrame(dict(customer_id=[f"c{i}" for i in rng.integers(0, 25, n)], event_type=etype,
+                             timestamp=T - pd.to_timedelta(offs), amount=amount, offer_id=offer,
+                             channel=np.asarray(CHANNELS)[rng.integers(0, 2 if seed % 2 else 3, n)]))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_sql_matches_reference(seed):
+    ev = random_events(seed)
+    got, want = compute_features(ev, T), reference_features(ev, T)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False, rtol=1e-9)
+
+
+def test_parquet_and_dataframe_agree(tmp_path):
+    ev = random_events(99)
+    ev.to_parquet(tmp_path / "ev.parquet")
+    pd.testing.assert_frame_equal(compute_features(tmp_path / "ev.parquet", T), compute_features(ev, T))
+
+
+# ---------------------------------------------------------------- atomic versions: kill a writer mid-write
+WRITER = textwrap.dedent("""
+    import sys, numpy as np, pandas as pd
+    from loyaltylens.features import FeatureStore, FEATURE_COLUMNS
+    n = int(sys.argv[2]); rng = np.random.default_rng(0)
+    df = pd.DataFrame({"customer_id": [f"K{i:09d}" for i in range(n)], "recency_days": rng.integers(0, 90, n),
+                       "frequency_30d": rng.integers(0, 9, n), "monetary_90d": rng.uniform(0, 500, n),
+                       "offer_redemption_rate": rng.uniform(0, 1, n), "channel_preference": "web",
+                       "engagement_score": rng.uniform(0, 1, n)})
+    print("writing", flush=True)
+    FeatureStore(sys.argv[1]).write("big", df, "2024-06-01", {"events": "none"})
+    print("done", flush=True)
+""")
+
+
+def _small(n=50):
+    rng = np.random.default_rng(1)
+    return pd.DataFrame({"customer_id": [f"S{i:04d}" for i in range(n)], "recency_days": rng.integers(0, 90, n),
+                         "frequency_30d": rng.integers(0, 9, n), "monetary_90d": rng.uniform(0, 500, n),
+                         "offer_redemption_rate": rng.uniform(0, 1, n), "channel_preference": "mobile",
+                         "engagement_score": rng.uniform(0, 1, n)})
+
+
+@pytest.mark.parametrize("extra_delay", [0.0, 0.3, 0.8])
+def test_killed_writer_leaves_only_complete_versions(tmp_path, extra_delay):
+    path = tmp_path / "store.duckdb"
+    store = FeatureStore(path)
+    store.write("v1", _small(), "2024-05-01", {"events": "none"})
+    before = path.stat().st_size
+    proc = subprocess.Popen([PY, "-c", WRITER, str(path), "3000000"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    wal = Path(f"{path}.wal")
+    deadline = time.monotonic() + 120  # wait until the write is under way (the file or its WAL grows), then kill
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.stat().st_size != before or (wal.exists() and wal.stat().st_size > 0): break
+        time.sleep(0.005)
+    time.sleep(extra_delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_mid_write = proc.returncode == -signal.SIGKILL
+    reopened = FeatureStore(path)
+    vs = reopened.versions()
+    if killed_mid_write:
+        assert vs.version.tolist() == ["v1"]
+    else:  # the write won the race: then it must be complete
+        assert vs.version.tolist() == ["v1", "big"] and len(reopened.get_many([f"K{i:09d}" for i in range(10)], "big")) == 10
+    pd.testing.assert_frame_equal(reopened.get_many(_small().customer_id, "v1"), _small(), check_dtype=False)
+    import duckdb
+    con = duckdb.connect(str(path), read_only=True)
+    stray = con.execute("SELECT count(*) FROM features WHERE version NOT IN (SELECT version FROM feature_versions)").fetchall()[0][0]
+    con.close()
+    assert stray == 0
+    reopened.write("v2", _small(), "2024-06-01", {"events": "none"})  # still writable
+    assert reopened.versions().version.tolist()[-1] == "v2"
+    assert killed_mid_write or extra_delay > 0, "the writer finished before it could be killed"
+
+
+# ---------------------------------------------------------------- bad input: real CLI, store unchanged
+@pytest.fixture()
+def store_with_v1(tmp_path):
+    ev = random_events(5)
+    ev.to_parquet(tmp_path / "good.parquet")
+    store = FeatureStore(tmp_path / "s.duckdb")
+    store.write("v1", compute_features(ev, T), T, {"events": str(tmp_path / "good.parquet")})
+    return store, ev, tmp_path
+
+
+def _cli(*args, env=None):
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda e: e.drop(columns="amount"), "missing column 'amount'"),
+    (lambda e: e.assign(timestamp=e.timestamp.astype(str)), "column 'timestamp' has type VARCHAR"),
+    (lambda e: e.assign(amount=np.where(e.event_type == "purchase", np.nan, e.amount)), "'amount':"),
+    (lambda e: e.assign(channel="fax"), "'channel':"),
+])
+def test_bad_parquet_exits_2_and_store_unchanged(store_with_v1, mutate, message):
+    store, ev, tmp = store_with_v1
+    mutate(ev).to_parquet(tmp / "bad.parquet")
+    before = (store.path.read_bytes(), store.versions().version.tolist())
+    r = _cli("features", "build", "--as-of", "2024-04-01", "--events", tmp / "bad.parquet", "--store", store.path, "--version", "v2")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (store.path.read_bytes(), FeatureStore(store.path).versions().version.tolist()) == before
+
+
+def test_cli_errors_exit_2(store_with_v1):
+    store, ev, tmp = store_with_v1
+    for args, msg in [(["features", "get", "nobody", "--store", store.path], "nobody"),
+                      (["features", "get", "c1", "--version", "v9", "--store", store.path], "unknown version 'v9'"),
+                      (["features", "diff", "v1", "v9", "--store", store.path], "v9"),
+                      (["features", "stats", "--store", tmp / "missing.duckdb"], "store not found"),
+                      (["features", "build", "--as-of", "yesterday-ish", "--events", tmp / "good.parquet", "--store", store.path], "as_of"),
+                      (["features", "build", "--as-of", "2024-04-01", "--events", tmp / "good.parquet", "--store", store.path, "--version", "v1"], "already exists"),
+                      (["features", "build", "--as-of", "2024-04-01", "--events", tmp / "nope.parquet", "--store", store.path], "not found"),
+                      (["data", "generate", "--customers", "-5"], "customers")]:
+        r = _cli(*args)
+        assert r.returncode == 2 and msg in r.stderr, (args, r.returncode, r.stderr)
+    assert FeatureStore(store.path).versions().version.tolist() == ["v1"]
+    ok = _cli("features", "get", "c1", "--store", store.path)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["version"] == "v1"
+
+
+def test_router_codes(store_with_v1):
+    store, ev, _ = store_with_v1
+    api = FastAPI(); api.include_router(router)
+    api.dependency_overrides[served_store] = lambda: store
+    c = TestClient(api)
+    assert c.get("/features/c1").json()["customer_id"] == "c1"
+    assert c.get("/features/c1", params={"version": "v1"}).status_code == 200
+    assert c.get("/features/nobody").status_code == 404
+    assert c.get("/features/c1", params={"version": "v2"}).status_code == 404
+    assert c.get("/features/stats", params={"version": "v2"}).status_code == 404
+    r = c.get("/features/c1", params={"version": "../etc"})
+    assert r.status_code == 422 and "version" in r.text
+    assert c.get("/features/" + "%20bad").status_code == 422
+    assert c.get("/features/versions").json()[0]["config"]["events"].endswith("good.parquet")
+
+
+# ---------------------------------------------------------------- world: catalog text, determinism, drift knobs
+def test_big_catalog_is_distinct_and_searchable():
+    offers = make_offers(20_000, seed=42)
+    assert offers.description.nunique() / len(offers) >= 0.95
+    assert offers.offer_id.is_unique
+    hits = offers[offers.description.str.contains("espresso")]
+    assert len(hits) > 50 and set(hits.category) == {"coffee"}
+    assert ((offers.discount_pct > 0) & (offers.discount_pct <= 50)).all() and (offers.min_propensity.between(0, 1)).all()
+
+
+def test_generation_is_deterministic_and_chunk_bounded(tmp_path):
+    a = generate_world(3_000, months=3, seed=5, out=tmp_path / "a", chunk_size=1_000)
+    b = generate_world(3_000, months=3, seed=5, out=tmp_path / "b", chunk_size=1_000)
+    assert len(list(a.events_path.glob("*.parquet"))) == 3
+    pd.testing.assert_frame_equal(a.load_events(), b.load_events())
+    pd.testing.assert_frame_equal(a.load_truth(), b.load_truth())
+    c = generate_world(3_000, months=3, seed=6, out=tmp_path / "c", chunk_size=1_000)
+    assert not a.load_events().equals(c.load_events())
+    assert set(a.load_events().offer_id.dropna()) <= set(a.load_offers().offer_id)
+    assert a.load_truth().customer_id.is_unique and len(a.load_truth()) == 3_000
+
+
+def test_drift_knobs(tmp_path):
+    base = generate_world(2_000, months=4, seed=3, out=tmp_path / "base").load_events()
+    tz = generate_world(2_000, months=4, seed=3, out=tmp_path / "tz", tz_shift_hours=5).load_events()
+    assert ((tz.timestamp - base.timestamp) == pd.Timedelta(hours=5)).all()
+    shifted = generate_world(2_000, months=4, seed=3, out=tmp_path / "sh", spend_shift=0.5, activity_shift=0.5,
+                             shift_from_month=2).load_events()
+    late = pd.Timestamp("2024-03-01", tz="UTC")
+    def stats(e):
+        p = e[(e.event_type == "purchase") & (e.timestamp >= late)]
+        return p.amount.mean(), len(p)
+    (m0, n0), (m1, n1) = stats(base), stats(shifted)
+    assert 1.35 < m1 / m0 < 1.65 and 1.3 < n1 / n0 < 1.7
+    early = lambda e: e[(e.event_type == "purchase") & (e.timestamp < late)].amount.mean()
+    assert abs(early(shifted) / early(base) - 1) < 0.1
+
+
+def test_bad_world_config():
+    with pytest.raises(ValueError, match="customers"): generate_world(0)
+    with pytest.raises(ValueError, match="shift_from_month"): generate_world(10, months=2, shift_from_month=5)
+
+
+# ---------------------------------------------------------------- leakage & learnability on the default world
+def _auc(y, s):
+    from sklearn.metrics import roc_auc_score
+    a = roc_auc_score(y, s)
+    return max(a, 1 - a)
+
+
+def test_default_world_no_leak_and_learnable():
+    "Default world (50,000 customers, 12 months): no single feature AUC > 0.90; logistic regression AUC >= 0.65 a later month."
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    world, store = default_world(), default_store()
+    vs = store.versions()
+    assert len(vs) == 12 and world.config["customers"] == 50_000
+    ends = world.month_ends()
+    ids = pd.read_parquet(world.events_path, columns=["customer_id"]).customer_id.unique()  # customers without history drop out
+    def rows(k):
+        ts = store.training_set(pd.DataFrame({"customer_id": ids, "timestamp": ends[k - 1]}))
+        return ts.dropna(subset=["recency_days"])
+    def X(d):
+        x = d[["recency_days", "frequency_30d", "monetary_90d"]].astype(float).apply(np.log1p)
+        x[["offer_redemption_rate", "engagement_score"]] = d[["offer_redemption_rate", "engagement_score"]].astype(float)
+        for c in CHANNELS: x[c] = (d.channel_preference == c).astype(float)
+        return x.to_numpy()
+    train = pd.concat([rows(k) for k in range(1, 9)])
+    test = rows(10)
+    aucs = {c: _auc(test.label, test[c].astype(float)) for c in FEATURE_COLUMNS if c != "channel_preference"}
+    lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X(train), train.label)
+    lr_auc = _auc(test.label, lr.predict_proba(X(test))[:, 1])
+    print(f"\nlabel rate {test.label.mean():.3f}; single-feature AUCs {aucs}; LR AUC month 10 = {lr_auc:.3f}")
+    assert max(aucs.values()) <= 0.90, aucs
+    assert lr_auc >= 0.65, lr_auc
+
+
+# ---------------------------------------------------------------- the bench command and the demo step run end to end
+def test_bench_command_small(tmp_path):
+    r = _cli("bench", "features", "--customers", "2000", "--months", "2", "--lookups", "50", env={"LOYALTYLENS_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "bench" / "features-2000-2.json").read_text())
+    for k in ["fast_ms", "sorted_sql_ms", "published_ms", "http_ms", "http_raw_ms"]: assert res[k]["n"] == 50 and res[k]["p50"] > 0
+    assert res["build_events_per_s"] > 0 and res["peak_rss_mb"] > 0
+    assert _cli("bench", "features", "--customers", "0").returncode == 2
+
+
+def test_demo_step():
+    from loyaltylens.core import DEMO_STEPS
+    title, fn = DEMO_STEPS[10]
+    out = fn()
+    assert "feature store" in out and "12 versions" in out["feature store"]
