@@ -6,7 +6,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #2fd5035e
 from __future__ import annotations
-import importlib, json, os, pkgutil, platform, shutil, statistics, subprocess, sys, time
+import importlib, json, os, pkgutil, platform, shutil, statistics, subprocess, sys, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     openai_model: str = Field("gpt-4o-mini", alias="LOYALTYLENS_OPENAI_MODEL")  # model name sent to that server
     llm_backend: Literal["local", "openai"] = Field("local", alias="LOYALTYLENS_LLM_BACKEND")  # who writes offer copy
     llm_runtime: Literal["auto", "llama-cpp", "transformers"] = Field("auto", alias="LOYALTYLENS_LLM_RUNTIME")  # local runtime
+    llm_threads: int | None = Field(None, ge=1, alias="LOYALTYLENS_LLM_THREADS")  # llama.cpp CPU threads; unset = every core
     mlflow_uri: str | None = Field(None, alias="MLFLOW_TRACKING_URI")  # an MLflow server; unset = sqlite in the workspace
 
     @property
@@ -88,7 +89,9 @@ def _short_pgdata(pgdata: Path) -> Path:
 
 @lru_cache(maxsize=None)
 def _embedded_server(pgdata: str):
-    import pgserver
+    with warnings.catch_warnings():  # pgserver asks platformdirs for XDG_RUNTIME_DIR at import; the /tmp fallback is fine
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        import pgserver
     with workspace_lock("pgserver"): return pgserver.get_server(_short_pgdata(Path(pgdata)), cleanup_mode="stop")
 
 def embedded_postgres():
@@ -179,10 +182,11 @@ class LlamaCppLLM:
     def __init__(self,
                  path: Path | None = None,  # GGUF file; default the packaged Gemma
                  n_ctx: int = 2048,  # context window in tokens
-                 n_threads: int | None = None):  # CPU threads; default all cores
+                 n_threads: int | None = None):  # CPU threads; default LOYALTYLENS_LLM_THREADS, else every core
         from llama_cpp import Llama
         self.path = Path(path or gemma_gguf_path())
-        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), verbose=False, seed=0)
+        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads or get_settings().llm_threads or os.cpu_count(),
+                         verbose=False, seed=0)
 
     def count_tokens(self, text: str) -> int: return len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
 
@@ -250,7 +254,7 @@ def llama_cpp_available() -> bool:
 
 @lru_cache(maxsize=None)
 def load_llm(runtime: Literal["auto", "llama-cpp", "transformers"] | None = None):
-    "The local LLM on `runtime` (default from settings; `auto` = llama-cpp when installed, else transformers)."
+    "The local LLM on `runtime` (default from settings; `auto` = llama-cpp when installed, else transformers), loaded once per process and shared by every module."
     runtime = runtime or get_settings().llm_runtime
     if runtime == "auto": runtime = "llama-cpp" if llama_cpp_available() else "transformers"
     return LlamaCppLLM() if runtime == "llama-cpp" else TransformersLLM()

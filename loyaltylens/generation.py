@@ -26,11 +26,11 @@ __all__ = ['WORD_LIMITS', 'TONES', 'BACKENDS', 'PLACEHOLDERS', 'ATTEMPTS', 'CLIP
            'CopyText', 'OfferCopy', 'PromptError', 'prompt_context', 'placeholders', 'render_prompt', 'EvalCriteria',
            'FewShot', 'PromptVersion', 'Activation', 'ActiveFile', 'prompts_dir', 'UnknownPromptVersion',
            'PromptRegistry', 'copy_grammar', 'mentions_offer', 'check_copy', 'RawCompletion', 'few_shot_prompt',
-           'llm_threads', 'local_llm', 'local_attempt', 'GenerationError', 'chat_messages', 'openai_client',
-           'openai_attempt', 'write_copy', 'offer_catalog', 'customer_context', 'get_offer', 'generate_copy',
-           'brand_dir', 'BrandGuide', 'load_brand_guide', 'BrandScore', 'copy_text', 'brand_violations', 'brand_scores',
-           'clip_weights_available', 'ClipScorer', 'random_clip_scorer', 'clip_brand_scores', 'CopyRequest',
-           'generate_endpoint', 'generate_cmd', 'bench_copy', 'bench_copy_cmd']
+           'local_attempt', 'GenerationError', 'chat_messages', 'openai_client', 'openai_attempt', 'write_copy',
+           'offer_catalog', 'customer_context', 'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide',
+           'load_brand_guide', 'BrandScore', 'copy_text', 'brand_violations', 'brand_scores', 'clip_weights_available',
+           'ClipScorer', 'random_clip_scorer', 'clip_brand_scores', 'CopyRequest', 'generate_endpoint', 'generate_cmd',
+           'bench_copy', 'bench_copy_cmd']
 
 # %% ../nbs/04_generation.ipynb #8ec69637
 WORD_LIMITS = {"headline": 8, "body": 40, "cta": 5}  # hard limits of the contract; a prompt version may be stricter
@@ -317,18 +317,6 @@ def few_shot_prompt(prompt: PromptVersion,  # the version to render
     shots = [f"{user} {answer}" for user, answer in prompt.example_prompts()]
     return "\n\n".join([prompt.system.strip(), *shots, render_prompt(prompt.user_template, context, source)])
 
-def llm_threads() -> int:
-    "CPU threads for llama.cpp: `LOYALTYLENS_LLM_THREADS` (1 helps on a machine busy with other work), else every core."
-    return int(os.environ.get("LOYALTYLENS_LLM_THREADS") or os.cpu_count() or 1)
-
-@lru_cache(maxsize=None)
-def local_llm():
-    "The packaged Gemma for copy, loaded once per process: llama-cpp (1,024-token context), else core's transformers fallback."
-    from loyaltylens.core import LlamaCppLLM, llama_cpp_available
-    runtime = get_settings().llm_runtime
-    if runtime == "transformers" or (runtime == "auto" and not llama_cpp_available()): return load_llm("transformers")
-    return LlamaCppLLM(n_ctx=1024, n_threads=llm_threads())
-
 @lru_cache(maxsize=64)
 def _compiled_grammar(text: str):
     from llama_cpp import LlamaGrammar
@@ -340,7 +328,7 @@ def _sampling(prompt: PromptVersion, attempt: int) -> dict:
 
 def local_attempt(prompt: PromptVersion, context: dict, attempt: int = 0, seed: int = 0, feedback: str | None = None) -> RawCompletion:
     "One generation by the packaged Gemma (llama-cpp with the grammar, else transformers with prefix forcing)."
-    llm, s = local_llm(), _sampling(prompt, attempt)
+    llm, s = load_llm(), _sampling(prompt, attempt)
     text = few_shot_prompt(prompt, context, f"prompts/{prompt.version}.yaml")
     prefix = render_prompt(prompt.headline_prefix, context)
     model = f"{llm.path.stem} ({llm.runtime})"
@@ -632,7 +620,7 @@ def bench_copy(n: int = 100,  # generations
     feats = default_store(smoke).get_many([f"C{i:08d}" for i in rng.choice(20 * n, 3 * n, replace=False)]).head(n)
     props = predict(feats[FEATURE_COLUMNS], model=default_model(smoke))
     offers = cat.iloc[rng.integers(len(cat), size=len(feats))]
-    local_llm()  # load once, outside the timings
+    load_llm()  # load once, outside the timings
     lat, attempts, tokens, valid, errors = [], [], 0, 0, []
     for i, ((_, f), p, (_, o)) in enumerate(zip(feats.iterrows(), props, offers.iterrows())):
         try: c = write_copy(f.to_dict(), float(p), o.to_dict(), version=version, backend="local", seed=seed + i)
@@ -641,7 +629,7 @@ def bench_copy(n: int = 100,  # generations
     s = latency_summary(lat) if lat else dict(p50=float("nan"), p95=float("nan"))
     return dict(n=len(feats), valid=valid, valid_rate=valid / len(feats), first_attempt_rate=attempts.count(1) / len(feats),
                 p50_ms=s["p50"], p95_ms=s["p95"], tokens_per_s=tokens / (sum(lat) / 1000) if lat else 0.0,
-                completion_tokens_mean=tokens / max(valid, 1), runtime=local_llm().runtime, threads=getattr(local_llm().llm, 'n_threads', None) if local_llm().runtime == 'llama-cpp' else None, errors=errors[:3])
+                completion_tokens_mean=tokens / max(valid, 1), runtime=load_llm().runtime, threads=getattr(load_llm().llm, 'n_threads', None) if load_llm().runtime == 'llama-cpp' else None, errors=errors[:3])
 
 @bench_app.command("copy")
 def bench_copy_cmd(n: int = typer.Option(100, help="number of local generations"),

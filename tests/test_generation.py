@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from loyaltylens import generation as g
+from loyaltylens.core import get_settings
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def openai_server(tmp_path_factory):
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("llama-server") / "server.log"  # a file, not a pipe: llama.cpp logs a lot at load
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gemma_gguf_path()), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "1024", "--n_threads", str(g.llm_threads()), "--model_alias", "gemma-3-270m"],
+                             "--port", str(port), "--n_ctx", "1024", "--n_threads", str(get_settings().llm_threads or os.cpu_count()), "--model_alias", "gemma-3-270m"],
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     base = f"http://127.0.0.1:{port}/v1"
     try:
