@@ -833,10 +833,10 @@ def fine_tune(pairs: list[tuple[str, str]],  # (anchor text, positive text)
         batches = _batches(pairs, batch_size, rng)
         if not batches: raise ValueError(f"fine_tune: need at least {batch_size} pairs without repeated texts")
         for batch in batches[:steps - len(log)]:
-            feats = [model.tokenize([p[j] for p in batch]) for j in (0, 1)]
+            feats = [model.preprocess([p[j] for p in batch]) for j in (0, 1)]
             loss = loss_fn(feats, None)
             loss.backward(); opt.step(); opt.zero_grad()
-            log.append(float(loss))
+            log.append(loss.item())
     model.eval(); torch.set_num_threads(threads)
     tmp = Path(str(out) + ".tmp")
     model.save(str(tmp))
