@@ -6,12 +6,12 @@ Docs: https://loyaltylens.github.io/loyaltylens/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #2fd5035e
 from __future__ import annotations
-import importlib, json, os, pkgutil, platform, shutil, statistics, subprocess, sys, time, warnings
+import importlib, os, pkgutil, platform, shutil, subprocess, time, warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import typer
 from filelock import FileLock

@@ -6,10 +6,9 @@ Docs: https://loyaltylens.github.io/loyaltylens/features.html.md"""
 
 # %% ../nbs/01_features.ipynb #d497976a
 from __future__ import annotations
-import hashlib, json, os, re, shutil, tempfile, time, uuid
+import hashlib, json, os, re, shutil, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,7 @@ from fastcore.basics import patch
 from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query
 from fastapi.responses import JSONResponse
 
-from .core import BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
+from .core import BadInput, app, bench_app, demo_step, latency_summary, workspace, workspace_lock
 
 # %% auto #0
 __all__ = ['CHANNELS', 'EVENT_TYPES', 'EVENT_COLUMNS', 'FEATURE_COLUMNS', 'OFFER_COLUMNS', 'OFFER_VOCAB', 'CATEGORIES',
@@ -221,7 +220,7 @@ def _customer_traits(rng, n: int, cal: _Calendar, months: int) -> dict:
 # %% ../nbs/01_features.ipynb #eca37ac5
 def _chunk_events(rng, t: dict, cal: _Calendar, cfg: dict, offers: pd.DataFrame) -> dict[str, np.ndarray]:
     "Events caused by traits `t`, as numpy columns (customer index within the chunk, type code, µs timestamp, ...)."
-    n, lo, hi = t["activity"].size, t["signup_day"], t["churn_day"]
+    lo, hi = t["signup_day"], t["churn_day"]
     cols = []
     def emit(idx, etype, ts, amount=None, offer=None, channel=None):
         m = idx.size

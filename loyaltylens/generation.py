@@ -612,7 +612,6 @@ def bench_copy(n: int = 100,  # generations
                version: str | None = None,  # prompt version; None = the active one
                seed: int = 0) -> dict:  # which pairs and sampling seeds
     "Generate `n` copies locally; valid rate, latency percentiles, tokens/s."
-    import pandas as pd
     from loyaltylens.features import FEATURE_COLUMNS, default_store
     from loyaltylens.propensity import default_model, predict
     rng = np.random.default_rng(seed)
@@ -620,7 +619,7 @@ def bench_copy(n: int = 100,  # generations
     feats = default_store(smoke).get_many([f"C{i:08d}" for i in rng.choice(20 * n, 3 * n, replace=False)]).head(n)
     props = predict(feats[FEATURE_COLUMNS], model=default_model(smoke))
     offers = cat.iloc[rng.integers(len(cat), size=len(feats))]
-    load_llm()  # load once, outside the timings
+    llm = load_llm()  # load once, outside the timings
     lat, attempts, tokens, valid, errors = [], [], 0, 0, []
     for i, ((_, f), p, (_, o)) in enumerate(zip(feats.iterrows(), props, offers.iterrows())):
         try: c = write_copy(f.to_dict(), float(p), o.to_dict(), version=version, backend="local", seed=seed + i)
@@ -629,7 +628,8 @@ def bench_copy(n: int = 100,  # generations
     s = latency_summary(lat) if lat else dict(p50=float("nan"), p95=float("nan"))
     return dict(n=len(feats), valid=valid, valid_rate=valid / len(feats), first_attempt_rate=attempts.count(1) / len(feats),
                 p50_ms=s["p50"], p95_ms=s["p95"], tokens_per_s=tokens / (sum(lat) / 1000) if lat else 0.0,
-                completion_tokens_mean=tokens / max(valid, 1), runtime=load_llm().runtime, threads=getattr(load_llm().llm, 'n_threads', None) if load_llm().runtime == 'llama-cpp' else None, errors=errors[:3])
+                completion_tokens_mean=tokens / max(valid, 1), runtime=llm.runtime,
+                threads=llm.llm.n_threads if llm.runtime == 'llama-cpp' else None, errors=errors[:3])
 
 @bench_app.command("copy")
 def bench_copy_cmd(n: int = typer.Option(100, help="number of local generations"),

@@ -6,7 +6,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/propensity.html.md"""
 
 # %% ../nbs/02_propensity.ipynb #b91200e2
 from __future__ import annotations
-import json, os, shutil, tempfile, time
+import json, shutil, tempfile, time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -807,7 +807,6 @@ def bench_propensity(smoke: bool = typer.Option(False, help="the small SMOKE wor
 @demo_step(20, "Propensity: TabTransformer vs. gradient boosting on a temporal split, calibrated, in MLflow")
 def _demo_propensity() -> dict:
     m = default_model(_smoke_default())
-    out = workspace("demo")
     t = m.metrics["test"]
     return {"registered model": f"models:/{MODEL_NAME}/{m.version}",
             "test ROC-AUC (TabTransformer / gradient boosting / logistic)":

@@ -6,8 +6,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/retrieval.html.md"""
 
 # %% ../nbs/03_retrieval.ipynb #ffdb2d20
 from __future__ import annotations
-import hashlib, json, os, time
-from dataclasses import dataclass
+import hashlib, json, time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence

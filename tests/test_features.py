@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from loyaltylens.features import (CHANNELS, EVENT_TYPES, FEATURE_COLUMNS, FeatureStore, DataValidationError, compute_features,
+from loyaltylens.features import (CHANNELS, EVENT_TYPES, FEATURE_COLUMNS, FeatureStore, compute_features,
                                   default_store, default_world, generate_world, make_offers, router, served_store)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,6 @@
 """Module 04 integration tests: the openai backend over real HTTP against llama-cpp-python's OpenAI-compatible
 server on the packaged Gemma, real-world copy for two offers, registry failures, brand and CLIP scorers, router."""
 import os, shutil, socket, subprocess, sys, time
-from pathlib import Path
 
 import httpx
 import pytest
