@@ -8,6 +8,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/features.html.md"""
 from __future__ import annotations
 import hashlib, json, os, re, shutil, tempfile, time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +18,23 @@ from fastcore.basics import patch
 from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query
 from fastapi.responses import JSONResponse
 
-from .core import BadInput, app, bench_app, demo_step, latency_summary, workspace, workspace_lock
+from .core import BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
 
 # %% auto #0
 __all__ = ['CHANNELS', 'EVENT_TYPES', 'EVENT_COLUMNS', 'FEATURE_COLUMNS', 'OFFER_COLUMNS', 'OFFER_VOCAB', 'CATEGORIES',
-           'GENERATOR_VERSION', 'SMOKE_WORLD', 'DEFAULT_WORLD', 'router', 'data_app', 'features_app', 'make_offers',
-           'world_config', 'config_hash', 'World', 'peak_rss_mb', 'generate_world', 'default_world',
-           'DataValidationError', 'validate_events', 'compute_features', 'feature_schema', 'validate_features',
-           'schema_hash', 'FeatureStore', 'build_snapshot', 'build_monthly', 'default_store', 'served_store',
-           'feature_versions', 'feature_stats', 'customer_features', 'default_store_path', 'cli_generate', 'cli_build',
-           'cli_versions', 'cli_get', 'cli_stats', 'cli_diff', 'serve_subprocess', 'bench_features',
-           'cli_bench_features']
+           'GENERATOR_VERSION', 'AFFINITY_WEIGHT', 'AFFINITY_FLOOR', 'DISCOUNT_WEIGHT', 'CHANNEL_MATCH_BONUS',
+           'WEEKDAY_WEIGHTS', 'YEARLY_AMPLITUDE', 'YEARLY_PEAK_DAY', 'ACTIVITY_MEDIAN', 'ACTIVITY_LOG_SD',
+           'ACTIVITY_ON_ENGAGEMENT', 'SPEND_MEDIAN', 'SPEND_LOG_SD', 'PRICE_SENSITIVITY_BETA', 'PROPENSITY_MEAN',
+           'PROPENSITY_SD', 'PROPENSITY_ON_ENGAGEMENT', 'AFFINITY_CONCENTRATION', 'CHANNEL_CONCENTRATION',
+           'EXISTING_MEMBER_SHARE', 'LIFETIME_MEDIAN_DAYS', 'LIFETIME_LOG_SD', 'TARGETING_NOISE', 'MOOD_RHO', 'MOOD_SD',
+           'BASKET_NOISE', 'APP_OPENS_BASE', 'APP_OPENS_PER_PURCHASE', 'VIEWS_BASE', 'VIEWS_MOBILE', 'TARGETED_SHARE',
+           'REDEEM_DELAY_HOURS', 'SMOKE_WORLD', 'DEFAULT_WORLD', 'ENGAGEMENT_WEIGHTS', 'RECENCY_CAP_DAYS',
+           'FREQUENCY_CAP', 'MONETARY_CAP', 'router', 'data_app', 'features_app', 'make_offers', 'world_config',
+           'config_hash', 'peak_rss_mb', 'World', 'generate_world', 'default_world', 'DataValidationError',
+           'validate_events', 'compute_features', 'feature_schema', 'validate_features', 'schema_hash', 'FeatureStore',
+           'build_snapshot', 'build_monthly', 'default_store', 'served_store', 'feature_versions', 'feature_stats',
+           'customer_features', 'default_store_path', 'cli_generate', 'cli_build', 'cli_versions', 'cli_get',
+           'cli_stats', 'cli_diff', 'serve_subprocess', 'bench_features', 'cli_bench_features']
 
 # %% ../nbs/01_features.ipynb #bf62754d
 CHANNELS = ("mobile", "web", "in_store")
@@ -36,8 +43,8 @@ EVENT_COLUMNS = ["customer_id", "event_type", "timestamp", "amount", "offer_id",
 FEATURE_COLUMNS = ["recency_days", "frequency_30d", "monetary_90d", "offer_redemption_rate", "channel_preference", "engagement_score"]
 OFFER_COLUMNS = ["offer_id", "title", "description", "category", "channel", "discount_pct", "expiry_days", "min_propensity"]
 
-# %% ../nbs/01_features.ipynb #0fc048b8
-OFFER_VOCAB: dict[str, dict[str, list[str]]] = {
+# %% ../nbs/01_features.ipynb #6a138cf9
+_VOCAB_EVERYDAY: dict[str, dict[str, list[str]]] = {  # category -> brands, products, occasions
     "coffee": dict(
         brands=["Bean & Brew", "Morning Roast", "Daily Grind", "Crema House", "Roastery 22", "Kettle & Cup", "Arabica Lane", "Steam Street"],
         products=["espresso drinks", "cold brew", "oat milk lattes", "cappuccinos", "flat whites", "iced mochas", "whole bean coffee",
@@ -63,6 +70,10 @@ OFFER_VOCAB: dict[str, dict[str, list[str]]] = {
         products=["hotel stays", "return flights", "weekend rail passes", "airport transfers", "city breaks", "beach resort nights",
                   "seat upgrades", "car rentals", "cruise cabins", "lounge access"],
         occasions=["summer holidays", "a long weekend", "business trips", "family vacations", "a honeymoon", "winter escapes"]),
+}
+
+# %% ../nbs/01_features.ipynb #45f012d6
+_VOCAB_OCCASIONAL: dict[str, dict[str, list[str]]] = {
     "electronics": dict(
         brands=["VoltTech", "PixelPoint", "SoundWave", "GigaStore", "Circuit City", "NovaGear", "ByteShop", "Lumen Labs"],
         products=["wireless headphones", "smartphones", "laptops", "smart speakers", "4K televisions", "gaming consoles",
@@ -89,7 +100,10 @@ OFFER_VOCAB: dict[str, dict[str, list[str]]] = {
                   "bowling lanes", "theatre seats", "video games", "museum entry", "escape rooms"],
         occasions=["family weekends", "date night", "school holidays", "a rainy day", "a night out", "birthday parties"]),
 }
+OFFER_VOCAB = {**_VOCAB_EVERYDAY, **_VOCAB_OCCASIONAL}  # the ten categories, in a fixed order
 CATEGORIES = tuple(OFFER_VOCAB)
+
+# %% ../nbs/01_features.ipynb #702e15c2
 _PERKS = ["earn double points", "members-only price", "no minimum spend", "stacks with your birthday reward",
           "bonus points on your next visit", "free upgrade included", "one use per member", "extra points for reviews"]
 _TEMPLATES = [
@@ -126,10 +140,7 @@ def make_offers(n_offers: int = 200,  # catalog size (notebook 03 asks for 20,00
     return df[OFFER_COLUMNS]
 
 # %% ../nbs/01_features.ipynb #999b69de
-GENERATOR_VERSION = 1
-_DAY_US = 86_400_000_000
-_HOUR_P = np.array([1, .5, .3, .2, .2, .4, 1, 2.5, 4, 4, 4, 5, 6.5, 5.5, 4.5, 4, 4.5, 5.5, 6.5, 6, 5, 4, 3, 2], float)
-_HOUR_P /= _HOUR_P.sum()
+GENERATOR_VERSION = 1  # bump when the generator's output changes: it is part of every config, so caches follow
 
 def world_config(customers: int = 50_000,  # number of customers
                  months: int = 12,  # length of the world in calendar months
@@ -150,40 +161,43 @@ def world_config(customers: int = 50_000,  # number of customers
                 spend_shift=float(spend_shift), activity_shift=float(activity_shift), shift_from_month=int(shift_from_month),
                 tz_shift_hours=int(tz_shift_hours), chunk_size=int(chunk_size), generator_version=GENERATOR_VERSION)
 
-def config_hash(config: dict) -> str:
+# %% ../nbs/01_features.ipynb #1b33af70
+def config_hash(config) -> str:  # any JSON-able value
     "A short stable hash of a JSON-able config."
     return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 # %% ../nbs/01_features.ipynb #d63b7753
+AFFINITY_WEIGHT = 0.9  # log-odds per unit of log(affinity × number of categories); an average-liked category adds 0
+AFFINITY_FLOOR = 0.02  # affinity × categories is clipped here: a disliked category costs a bounded amount
+DISCOUNT_WEIGHT = 4.0  # log-odds of a 100% discount for a fully price-sensitive customer (a 25% discount adds a quarter)
+CHANNEL_MATCH_BONUS = 0.4  # log-odds when the offer's channel is the customer's main channel
+
 def _sigmoid(x): return 1 / (1 + np.exp(-x))
 
-def _redeem_logit(propensity, affinity_of_category, price_sensitivity, discount_pct, channel_match, mood=0.0):
+def _redeem_logit(propensity,  # baseline log-odds of the customer
+                  affinity_of_category,  # the customer's share of interest in the offer's category (sums to 1 over categories)
+                  price_sensitivity,  # in [0, 1]
+                  discount_pct,  # the offer's discount, percent
+                  channel_match,  # offer channel == the customer's main channel
+                  mood=0.0):  # this month's AR(1) mood
     "Log-odds that a customer redeems an offer they viewed: the one causal formula, shared by generator and truth."
-    return (propensity + mood + 0.9 * np.log(np.clip(affinity_of_category * len(CATEGORIES), 0.02, None))
-            + 4.0 * price_sensitivity * discount_pct / 100 + 0.4 * channel_match)
-
-def _draw_days(rng, rate_per_day, cum, lo, hi):
-    "Poisson event days per customer on [lo, hi) with intensity rate × day weights (cumulative `cum`); (customer idx, day)."
-    mass = np.clip(cum[hi] - cum[lo], 0, None)
-    n = rng.poisson(rate_per_day * mass)
-    idx = np.repeat(np.arange(n.size), n)
-    u = cum[lo[idx]] + rng.random(idx.size) * mass[idx]
-    day = np.clip(np.searchsorted(cum, u, side="right") - 1, lo[idx], np.maximum(hi[idx] - 1, lo[idx]))
-    return idx, day
-
-def _time_of_day_us(rng, n):
-    return (rng.choice(24, n, p=_HOUR_P) * 3600 + rng.integers(0, 3600, n)) * 1_000_000
+    return (propensity + mood + AFFINITY_WEIGHT * np.log(np.clip(affinity_of_category * len(CATEGORIES), AFFINITY_FLOOR, None))
+            + DISCOUNT_WEIGHT * price_sensitivity * discount_pct / 100 + CHANNEL_MATCH_BONUS * channel_match)
 
 # %% ../nbs/01_features.ipynb #e5e2c689
+WEEKDAY_WEIGHTS = [0.85, 0.9, 0.95, 1.0, 1.15, 1.35, 1.05]  # Monday..Sunday: weekends are busier
+YEARLY_AMPLITUDE = 0.2  # seasonal swing of activity, ± this fraction
+YEARLY_PEAK_DAY = 355  # day of year with the most activity (just before Christmas; the trough is half a year away)
+
 class _Calendar:
     "Day grid of a world: seasonality weights, month of each day, the drift day."
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict):  # a `world_config`
         self.start = pd.Timestamp(cfg["start"], tz="UTC")
         self.end = self.start + pd.DateOffset(months=cfg["months"])
         self.n_days = (self.end - self.start).days
         days = pd.date_range(self.start, periods=self.n_days, freq="D")
-        weekly = np.array([0.85, 0.9, 0.95, 1.0, 1.15, 1.35, 1.05])[days.dayofweek]  # Mon..Sun: weekends busier
-        yearly = 1 + 0.2 * np.cos(2 * np.pi * (days.dayofyear - 355) / 365.25)  # peak before Christmas, trough in June
+        weekly = np.array(WEEKDAY_WEIGHTS)[days.dayofweek]
+        yearly = 1 + YEARLY_AMPLITUDE * np.cos(2 * np.pi * (days.dayofyear - YEARLY_PEAK_DAY) / 365.25)
         month_starts = [(self.start + pd.DateOffset(months=k) - self.start).days for k in range(cfg["months"] + 1)]
         self.month_of_day = np.searchsorted(month_starts, np.arange(self.n_days), side="right") - 1
         self.shift_day = month_starts[cfg["shift_from_month"]]
@@ -192,80 +206,142 @@ class _Calendar:
         self.cum_flat = np.arange(self.n_days + 1, dtype=float)  # campaign sends: flat in time
         self.start_us = self.start.value // 1000
 
+# %% ../nbs/01_features.ipynb #40237435
+def _draw_days(rng,  # numpy Generator
+               rate_per_day,  # events per day at weight 1, one per customer
+               cum,  # cumulative day weights of the calendar (`cum_season` or `cum_flat`)
+               lo, hi):  # each customer's active days [lo, hi)
+    "Poisson event days per customer on [lo, hi) with intensity rate × day weights; (customer idx, day) of each event."
+    mass = np.clip(cum[hi] - cum[lo], 0, None)
+    n = rng.poisson(rate_per_day * mass)
+    idx = np.repeat(np.arange(n.size), n)
+    u = cum[lo[idx]] + rng.random(idx.size) * mass[idx]
+    day = np.clip(np.searchsorted(cum, u, side="right") - 1, lo[idx], np.maximum(hi[idx] - 1, lo[idx]))
+    return idx, day
+
+# %% ../nbs/01_features.ipynb #7ffdf746
+_DAY_US = 86_400_000_000  # microseconds per day: event timestamps are integer µs since the epoch
+_HOUR_P = np.array([1, .5, .3, .2, .2, .4, 1, 2.5, 4, 4, 4, 5, 6.5, 5.5, 4.5, 4, 4.5, 5.5, 6.5, 6, 5, 4, 3, 2], float)  # relative activity per hour
+_HOUR_P /= _HOUR_P.sum()
+
+def _time_of_day_us(rng, n):  # a numpy Generator, how many times
+    "Random times of day in µs after midnight, hours drawn from `_HOUR_P`."
+    return (rng.choice(24, n, p=_HOUR_P) * 3600 + rng.integers(0, 3600, n)) * 1_000_000
+
 # %% ../nbs/01_features.ipynb #f851501f
-def _customer_traits(rng, n: int, cal: _Calendar, months: int) -> dict:
+ACTIVITY_MEDIAN, ACTIVITY_LOG_SD = 0.9, 0.6  # purchases per week: median and log-normal spread
+ACTIVITY_ON_ENGAGEMENT = 0.35  # log-activity per unit of the shared engagement factor z
+SPEND_MEDIAN, SPEND_LOG_SD = 22, 0.55  # typical basket: median and log-normal spread
+PRICE_SENSITIVITY_BETA = (2, 2)  # Beta(a, b) of price sensitivity: centred on 0.5, rarely 0 or 1
+PROPENSITY_MEAN, PROPENSITY_SD = -2.6, 1.0  # baseline log-odds of redeeming a viewed offer
+PROPENSITY_ON_ENGAGEMENT = 0.25  # log-odds per unit of z: engaged customers redeem a bit more
+AFFINITY_CONCENTRATION = 0.4  # Dirichlet concentration per category; below 1: most customers love two or three
+CHANNEL_CONCENTRATION = [2.0, 1.4, 1.6]  # Dirichlet of the channel mix (mobile, web, in store)
+EXISTING_MEMBER_SHARE = 0.75  # members at the start; the rest sign up on a uniform day during the world
+LIFETIME_MEDIAN_DAYS, LIFETIME_LOG_SD = 700, 0.6  # mean days to churn: log-normal across customers, exponential within
+TARGETING_NOISE = 0.8  # Gumbel scale of the campaign's guess of the favourite category
+MOOD_RHO, MOOD_SD = 0.5, 0.9  # monthly mood: AR(1) with this month-to-month correlation and spread
+
+def _customer_traits(rng, n: int, cal: _Calendar, months: int) -> dict:  # numpy Generator, customers, calendar, months
     "Latent traits of `n` customers (the hidden truth)."
     K = len(CATEGORIES)
-    z = rng.normal(size=n)  # a shared "engagement" factor: active customers redeem a bit more
-    t = dict(activity=np.exp(rng.normal(np.log(0.9) + 0.35 * z, 0.6)),  # purchases per week
-             spend=np.exp(rng.normal(np.log(22), 0.55, n)),  # typical basket
-             price_sensitivity=rng.beta(2, 2, n),
-             propensity=rng.normal(-2.6 + 0.25 * z, 1.0),  # baseline log-odds of redeeming a viewed offer
-             affinity=rng.dirichlet(np.full(K, 0.4), n),
-             channel_mix=rng.dirichlet([2.0, 1.4, 1.6], n))
-    existing = rng.random(n) < 0.75  # most are members already; the rest sign up during the world
+    z = rng.normal(size=n)  # a shared "engagement" factor
+    t = dict(activity=np.exp(rng.normal(np.log(ACTIVITY_MEDIAN) + ACTIVITY_ON_ENGAGEMENT * z, ACTIVITY_LOG_SD)),
+             spend=np.exp(rng.normal(np.log(SPEND_MEDIAN), SPEND_LOG_SD, n)),
+             price_sensitivity=rng.beta(*PRICE_SENSITIVITY_BETA, n),
+             propensity=rng.normal(PROPENSITY_MEAN + PROPENSITY_ON_ENGAGEMENT * z, PROPENSITY_SD),
+             affinity=rng.dirichlet(np.full(K, AFFINITY_CONCENTRATION), n),
+             channel_mix=rng.dirichlet(CHANNEL_CONCENTRATION, n))
+    existing = rng.random(n) < EXISTING_MEMBER_SHARE
     t["signup_day"] = np.where(existing, 0, rng.integers(0, cal.n_days, n))
-    lifetime = rng.exponential(np.exp(rng.normal(np.log(700), 0.6, n)))  # days until churn
+    lifetime = rng.exponential(np.exp(rng.normal(np.log(LIFETIME_MEDIAN_DAYS), LIFETIME_LOG_SD, n)))  # days until churn
     t["churn_day"] = np.minimum(t["signup_day"] + np.ceil(lifetime), cal.n_days).astype(np.int64)  # n_days = still active
-    # the campaign's guess of the favourite category: the true one most of the time
-    noisy = np.log(t["affinity"] + 1e-9) + rng.gumbel(size=(n, K)) * 0.8
+    noisy = np.log(t["affinity"] + 1e-9) + rng.gumbel(size=(n, K)) * TARGETING_NOISE  # the campaign's noisy guess
     t["target_category"] = noisy.argmax(1)
-    rho, sd = 0.5, 0.9  # monthly mood: AR(1), unobservable
     mood = np.empty((n, months))
-    mood[:, 0] = rng.normal(0, sd, n)
-    for m in range(1, months): mood[:, m] = rho * mood[:, m - 1] + np.sqrt(1 - rho**2) * rng.normal(0, sd, n)
+    mood[:, 0] = rng.normal(0, MOOD_SD, n)
+    for m in range(1, months): mood[:, m] = MOOD_RHO * mood[:, m - 1] + np.sqrt(1 - MOOD_RHO**2) * rng.normal(0, MOOD_SD, n)
     t["mood"] = mood
     return t
 
-# %% ../nbs/01_features.ipynb #eca37ac5
-def _chunk_events(rng, t: dict, cal: _Calendar, cfg: dict, offers: pd.DataFrame) -> dict[str, np.ndarray]:
-    "Events caused by traits `t`, as numpy columns (customer index within the chunk, type code, µs timestamp, ...)."
-    lo, hi = t["signup_day"], t["churn_day"]
-    cols = []
-    def emit(idx, etype, ts, amount=None, offer=None, channel=None):
-        m = idx.size
-        cols.append((idx, np.full(m, etype, np.int8), ts, np.full(m, np.nan) if amount is None else amount,
-                     np.full(m, -1, np.int64) if offer is None else offer, channel))
-    def stamp(day): return cal.start_us + day * _DAY_US + _time_of_day_us(rng, day.size)
-    # purchases: seasonal Poisson process, channel from the customer's mix, basket from their spend level
-    idx, day = _draw_days(rng, t["activity"] / 7, cal.cum_season, lo, hi)
+# %% ../nbs/01_features.ipynb #ab730234
+def _event_block(idx, etype: int, ts, amount=None, offer=None, channel=None) -> tuple:  # columns of one kind of event
+    "Events of one type as numpy columns: customer index, type code, µs timestamp, amount, offer index (-1 = none), channel code."
+    m = idx.size
+    return (idx, np.full(m, etype, np.int8), ts, np.full(m, np.nan) if amount is None else amount,
+            np.full(m, -1, np.int64) if offer is None else offer, channel)
+
+def _stamp(rng, cal: _Calendar, day):  # numpy Generator, the world's calendar, event days
+    "µs timestamps of events on `day`: the day's midnight plus a random time of day."
+    return cal.start_us + day * _DAY_US + _time_of_day_us(rng, day.size)
+
+# %% ../nbs/01_features.ipynb #b618d449
+BASKET_NOISE = (-0.1, 0.45)  # log-normal (mean, sd) of one basket around the customer's typical spend
+
+def _purchases(rng, t: dict, cal: _Calendar, cfg: dict) -> tuple:  # Generator, traits, calendar, world config
+    "Purchases: a seasonal Poisson process at the customer's activity, channel from their mix, basket from their spend."
+    idx, day = _draw_days(rng, t["activity"] / 7, cal.cum_season, t["signup_day"], t["churn_day"])
     cum_mix = t["channel_mix"].cumsum(1)[idx]
     ch = (rng.random(idx.size)[:, None] > cum_mix[:, :2]).sum(1).astype(np.int8)
-    amount = np.round(t["spend"][idx] * rng.lognormal(-0.1, 0.45, idx.size)
-                      * np.where(day >= cal.shift_day, 1 + cfg["spend_shift"], 1.0), 2)
-    emit(idx, 0, stamp(day), amount=amount, channel=ch)
-    # app opens: mobile users who are active open the app
-    app_rate = t["channel_mix"][:, 0] * (0.4 + 1.5 * t["activity"]) / 7
-    idx, day = _draw_days(rng, app_rate, cal.cum_season, lo, hi)
-    emit(idx, 1, stamp(day), channel=np.zeros(idx.size, np.int8))
-    # offer views: the campaign policy shows ~1 offer a week; half targeted at the guessed favourite category
-    view_rate = (0.5 + 0.9 * t["channel_mix"][:, 0]) / 7
-    idx, day = _draw_days(rng, view_rate, cal.cum_flat, lo, hi)
+    amount = np.round(t["spend"][idx] * rng.lognormal(*BASKET_NOISE, idx.size)
+                      * np.where(day >= cal.shift_day, 1 + cfg["spend_shift"], 1.0), 2)  # the spend drift knob
+    return _event_block(idx, 0, _stamp(rng, cal, day), amount=amount, channel=ch)
+
+# %% ../nbs/01_features.ipynb #0b46d905
+APP_OPENS_BASE, APP_OPENS_PER_PURCHASE = 0.4, 1.5  # weekly app opens of a mobile-only customer: base + per weekly purchase
+
+def _app_opens(rng, t: dict, cal: _Calendar) -> tuple:  # Generator, traits, calendar
+    "App opens: mobile users who are active open the app (channel is always mobile)."
+    app_rate = t["channel_mix"][:, 0] * (APP_OPENS_BASE + APP_OPENS_PER_PURCHASE * t["activity"]) / 7
+    idx, day = _draw_days(rng, app_rate, cal.cum_season, t["signup_day"], t["churn_day"])
+    return _event_block(idx, 1, _stamp(rng, cal, day), channel=np.zeros(idx.size, np.int8))
+
+# %% ../nbs/01_features.ipynb #334db98a
+VIEWS_BASE, VIEWS_MOBILE = 0.5, 0.9  # offers shown per week: base + extra for a mobile-only customer
+TARGETED_SHARE = 0.5  # share of views targeted at the campaign's guess of the favourite category; the rest are random
+
+def _offer_views(rng, t: dict, cal: _Calendar, offers: pd.DataFrame) -> tuple:  # Generator, traits, calendar, catalog
+    "Views from the campaign policy: the event block, and the views' columns the redemptions need."
+    view_rate = (VIEWS_BASE + VIEWS_MOBILE * t["channel_mix"][:, 0]) / 7
+    idx, day = _draw_days(rng, view_rate, cal.cum_flat, t["signup_day"], t["churn_day"])
     cat_code = pd.Categorical(offers.category, categories=CATEGORIES).codes
-    order = np.argsort(cat_code, kind="stable")
+    order = np.argsort(cat_code, kind="stable")  # offers grouped by category
     counts = np.bincount(cat_code, minlength=len(CATEGORIES))
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    cat = np.where(rng.random(idx.size) < 0.5, t["target_category"][idx], rng.integers(0, len(CATEGORIES), idx.size))
-    offer = order[starts[cat] + (rng.random(idx.size) * counts[cat]).astype(np.int64)]
+    cat = np.where(rng.random(idx.size) < TARGETED_SHARE, t["target_category"][idx], rng.integers(0, len(CATEGORIES), idx.size))
+    offer = order[starts[cat] + (rng.random(idx.size) * counts[cat]).astype(np.int64)]  # uniform within the category
     ochan = pd.Categorical(offers.channel, categories=CHANNELS).codes.astype(np.int8)[offer]
-    view_ts = stamp(day)
-    emit(idx, 2, view_ts, offer=offer, channel=ochan)
-    # redemptions: caused by propensity x mood x affinity x discount, within days of the view and before churn/expiry
-    p = _sigmoid(_redeem_logit(t["propensity"][idx], t["affinity"][idx, cat], t["price_sensitivity"][idx],
-                               offers.discount_pct.to_numpy()[offer], ochan == t["channel_mix"][idx].argmax(1),
-                               t["mood"][idx, cal.month_of_day[day]]))
-    delay_us = (rng.exponential(40, idx.size) * 3600e6).astype(np.int64)  # mean 40 hours after the view
-    red_ts = view_ts + delay_us
-    stop_us = cal.start_us + hi[idx] * _DAY_US
+    block = _event_block(idx, 2, _stamp(rng, cal, day), offer=offer, channel=ochan)
+    return block, dict(idx=idx, day=day, cat=cat, offer=offer, channel=ochan, ts=block[2])
+
+# %% ../nbs/01_features.ipynb #b01e7b76
+REDEEM_DELAY_HOURS = 40  # mean hours from a view to its redemption (exponential)
+
+def _redemptions(rng, t: dict, cal: _Calendar, offers: pd.DataFrame, seen: dict) -> tuple:  # ..., the views' columns
+    "Redemptions caused by the redemption formula, within the offer's expiry and before the customer churns."
+    idx, offer = seen["idx"], seen["offer"]
+    p = _sigmoid(_redeem_logit(t["propensity"][idx], t["affinity"][idx, seen["cat"]], t["price_sensitivity"][idx],
+                               offers.discount_pct.to_numpy()[offer], seen["channel"] == t["channel_mix"][idx].argmax(1),
+                               t["mood"][idx, cal.month_of_day[seen["day"]]]))
+    delay_us = (rng.exponential(REDEEM_DELAY_HOURS, idx.size) * 3600e6).astype(np.int64)
+    red_ts = seen["ts"] + delay_us
+    stop_us = cal.start_us + t["churn_day"][idx] * _DAY_US
     keep = (rng.random(idx.size) < p) & (delay_us < offers.expiry_days.to_numpy()[offer] * _DAY_US) & (red_ts < stop_us)
-    emit(idx[keep], 3, red_ts[keep], offer=offer[keep], channel=ochan[keep])
-    out = {k: np.concatenate([c[i] for c in cols]) for i, k in enumerate(["idx", "type", "ts", "amount", "offer", "channel"])}
+    return _event_block(idx[keep], 3, red_ts[keep], offer=offer[keep], channel=seen["channel"][keep])
+
+# %% ../nbs/01_features.ipynb #eca37ac5
+def _chunk_events(rng, t: dict, cal: _Calendar, cfg: dict, offers: pd.DataFrame) -> dict[str, np.ndarray]:
+    "Events caused by traits `t`, as numpy columns sorted by time (customer index within the chunk, type code, µs timestamp, ...)."
+    blocks = [_purchases(rng, t, cal, cfg), _app_opens(rng, t, cal)]
+    views, seen = _offer_views(rng, t, cal, offers)
+    blocks += [views, _redemptions(rng, t, cal, offers, seen)]
+    out = {k: np.concatenate([b[i] for b in blocks]) for i, k in enumerate(["idx", "type", "ts", "amount", "offer", "channel"])}
     out["ts"] = out["ts"] + cfg["tz_shift_hours"] * 3_600_000_000  # the "timezone bug" drift knob
     order = np.argsort(out["ts"], kind="stable")  # time-sorted files let DuckDB skip row groups on `timestamp < t`
     return {k: v[order] for k, v in out.items()}
 
 # %% ../nbs/01_features.ipynb #c4c7edd4
-def _events_table(ev: dict, ids, offer_ids):
+def _events_table(ev: dict, ids, offer_ids):  # numpy event columns, customer ids of the chunk, offer ids of the catalog
     "A pyarrow table in the DESIGN.md event contract; string columns are dictionary-encoded (cheap to build and write)."
     import pyarrow as pa
     def dict_col(codes, values, mask=None): return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=mask), values)
@@ -277,7 +353,8 @@ def _events_table(ev: dict, ids, offer_ids):
         "offer_id": dict_col(np.maximum(ev["offer"], 0), offer_ids, mask=ev["offer"] < 0),
         "channel": dict_col(ev["channel"], pa.array(CHANNELS))})
 
-def _truth_frame(t: dict, ids: np.ndarray, cal: _Calendar) -> pd.DataFrame:
+# %% ../nbs/01_features.ipynb #eea00148
+def _truth_frame(t: dict, ids: np.ndarray, cal: _Calendar) -> pd.DataFrame:  # traits, customer ids, calendar
     "The latent traits as a flat DataFrame (evaluation only)."
     day = lambda d: cal.start + pd.to_timedelta(d, unit="D")
     df = pd.DataFrame({"customer_id": ids, "activity": t["activity"], "spend": t["spend"],
@@ -289,6 +366,35 @@ def _truth_frame(t: dict, ids: np.ndarray, cal: _Calendar) -> pd.DataFrame:
     for j, c in enumerate(CATEGORIES): df[f"affinity_{c}"] = t["affinity"][:, j]
     for m in range(t["mood"].shape[1]): df[f"mood_{m:02d}"] = t["mood"][:, m]
     return df
+
+# %% ../nbs/01_features.ipynb #e27dec6e
+def peak_rss_mb() -> float:
+    "Peak resident memory of this process so far, in MB."
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+# %% ../nbs/01_features.ipynb #c751af8a
+def _write_world(cfg: dict, root: Path, progress: bool = False) -> dict:  # config, a new folder, print per chunk
+    "Generate the world of `cfg` into the (new) folder `root`, chunk by chunk; return its stats."
+    import pyarrow as pa, pyarrow.parquet as pq
+    t0 = time.perf_counter()
+    cal, offers = _Calendar(cfg), make_offers(cfg["n_offers"], cfg["seed"])
+    (root / "events").mkdir(parents=True); (root / "truth").mkdir()
+    offers.to_parquet(root / "offers.parquet", index=False)
+    offer_ids, n_events, counts = pa.array(offers.offer_id), 0, np.zeros(len(EVENT_TYPES), np.int64)
+    for k, lo in enumerate(range(0, cfg["customers"], cfg["chunk_size"])):
+        n = min(cfg["chunk_size"], cfg["customers"] - lo)
+        rng = np.random.default_rng([cfg["seed"], k])  # one stream per chunk: deterministic for a given config
+        ids = pa.array([f"C{i:08d}" for i in range(lo, lo + n)])
+        traits = _customer_traits(rng, n, cal, cfg["months"])
+        ev = _chunk_events(rng, traits, cal, cfg, offers)
+        pq.write_table(_events_table(ev, ids, offer_ids), root / "events" / f"part-{k:05d}.parquet", row_group_size=1 << 20, compression="lz4")
+        _truth_frame(traits, ids.to_numpy(zero_copy_only=False), cal).to_parquet(root / "truth" / f"part-{k:05d}.parquet", index=False)
+        n_events += ev["type"].size; counts += np.bincount(ev["type"], minlength=len(EVENT_TYPES))
+        if progress: print(f"  chunk {k}: {lo + n:,} customers, {n_events:,} events, {time.perf_counter() - t0:.1f}s", flush=True)
+        del ev, traits
+    return dict(events=int(n_events), **{f"n_{e}": int(c) for e, c in zip(EVENT_TYPES, counts)},
+                seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1))
 
 # %% ../nbs/01_features.ipynb #6c29bfc2
 @dataclass
@@ -324,55 +430,30 @@ class World:
         "The end of every month of the world (midnight UTC starting the next month): the snapshot times."
         return [self.start + pd.DateOffset(months=k) for k in range(1, self.config["months"] + 1)]
 
-    def redemption_probability(self, customer_ids,  # customers (rows of the result)
-                               offer_ids=None) -> np.ndarray:  # offers (columns); None = the whole catalog
-        "Latent P(redeem | the customer views the offer) at average mood, [n_customers, n_offers]. Evaluation only."
-        import duckdb
-        ids = [str(c) for c in np.atleast_1d(customer_ids)]
-        truth = duckdb.connect().execute(f"SELECT * FROM read_parquet('{self.truth_path}/*.parquet') WHERE customer_id IN (SELECT unnest($ids))",
-                                         {"ids": ids}).df().set_index("customer_id")
-        missing = [c for c in ids if c not in truth.index]
-        if missing: raise KeyError(f"unknown customer_id(s): {missing[:5]}")
-        truth = truth.loc[ids]
-        offers = self.load_offers().set_index("offer_id")
-        if offer_ids is not None:
-            bad = [o for o in offer_ids if o not in offers.index]
-            if bad: raise KeyError(f"unknown offer_id(s): {bad[:5]}")
-            offers = offers.loc[list(offer_ids)]
-        aff = truth[[f"affinity_{c}" for c in CATEGORIES]].to_numpy()[:, pd.Categorical(offers.category, categories=CATEGORIES).codes]
-        top = truth[[f"channel_{c}" for c in CHANNELS]].to_numpy().argmax(1)
-        match = top[:, None] == pd.Categorical(offers.channel, categories=CHANNELS).codes[None, :]
-        return _sigmoid(_redeem_logit(truth.propensity.to_numpy()[:, None], aff, truth.price_sensitivity.to_numpy()[:, None],
-                                      offers.discount_pct.to_numpy()[None, :], match))
+# %% ../nbs/01_features.ipynb #247463cb
+@patch
+def redemption_probability(self: World, customer_ids,  # customers (rows of the result)
+                           offer_ids=None) -> np.ndarray:  # offers (columns); None = the whole catalog
+    "Latent P(redeem | the customer views the offer) at average mood, [n_customers, n_offers]. Evaluation only."
+    import duckdb
+    ids = [str(c) for c in np.atleast_1d(customer_ids)]
+    truth = duckdb.connect().execute("SELECT * FROM read_parquet($p) WHERE customer_id IN (SELECT unnest($ids))",
+                                     {"p": str(self.truth_path / "*.parquet"), "ids": ids}).df().set_index("customer_id")
+    missing = [c for c in ids if c not in truth.index]
+    if missing: raise KeyError(f"unknown customer_id(s): {missing[:5]}")
+    truth = truth.loc[ids]
+    offers = self.load_offers().set_index("offer_id")
+    if offer_ids is not None:
+        bad = [o for o in offer_ids if o not in offers.index]
+        if bad: raise KeyError(f"unknown offer_id(s): {bad[:5]}")
+        offers = offers.loc[list(offer_ids)]
+    aff = truth[[f"affinity_{c}" for c in CATEGORIES]].to_numpy()[:, pd.Categorical(offers.category, categories=CATEGORIES).codes]
+    top = truth[[f"channel_{c}" for c in CHANNELS]].to_numpy().argmax(1)
+    match = top[:, None] == pd.Categorical(offers.channel, categories=CHANNELS).codes[None, :]
+    return _sigmoid(_redeem_logit(truth.propensity.to_numpy()[:, None], aff, truth.price_sensitivity.to_numpy()[:, None],
+                                  offers.discount_pct.to_numpy()[None, :], match))
 
-# %% ../nbs/01_features.ipynb #c751af8a
-def peak_rss_mb() -> float:
-    "Peak resident memory of this process so far, in MB."
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-def _write_world(cfg: dict, root: Path, progress: bool = False) -> dict:
-    "Generate the world of `cfg` into the (new) folder `root`, chunk by chunk; return its stats."
-    import pyarrow as pa, pyarrow.parquet as pq
-    t0 = time.perf_counter()
-    cal, offers = _Calendar(cfg), make_offers(cfg["n_offers"], cfg["seed"])
-    (root / "events").mkdir(parents=True); (root / "truth").mkdir()
-    offers.to_parquet(root / "offers.parquet", index=False)
-    offer_ids, n_events, counts = pa.array(offers.offer_id), 0, np.zeros(len(EVENT_TYPES), np.int64)
-    for k, lo in enumerate(range(0, cfg["customers"], cfg["chunk_size"])):
-        n = min(cfg["chunk_size"], cfg["customers"] - lo)
-        rng = np.random.default_rng([cfg["seed"], k])  # one stream per chunk: deterministic for a given config
-        ids = pa.array([f"C{i:08d}" for i in range(lo, lo + n)])
-        traits = _customer_traits(rng, n, cal, cfg["months"])
-        ev = _chunk_events(rng, traits, cal, cfg, offers)
-        pq.write_table(_events_table(ev, ids, offer_ids), root / "events" / f"part-{k:05d}.parquet", row_group_size=1 << 20, compression="lz4")
-        _truth_frame(traits, ids.to_numpy(zero_copy_only=False), cal).to_parquet(root / "truth" / f"part-{k:05d}.parquet", index=False)
-        n_events += ev["type"].size; counts += np.bincount(ev["type"], minlength=len(EVENT_TYPES))
-        if progress: print(f"  chunk {k}: {lo + n:,} customers, {n_events:,} events, {time.perf_counter() - t0:.1f}s", flush=True)
-        del ev, traits
-    return dict(events=int(n_events), **{f"n_{e}": int(c) for e, c in zip(EVENT_TYPES, counts)},
-                seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1))
-
+# %% ../nbs/01_features.ipynb #1f131737
 def generate_world(customers: int = 50_000,  # number of customers
                    months: int = 12,  # calendar months of events
                    seed: int = 42,  # random seed
@@ -399,22 +480,28 @@ def generate_world(customers: int = 50_000,  # number of customers
             if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return World(root)
 
-SMOKE_WORLD = dict(customers=2_000, months=12, seed=42, n_offers=200)
-DEFAULT_WORLD = dict(customers=50_000, months=12, seed=42, n_offers=200)
+# %% ../nbs/01_features.ipynb #0edc7e95
+SMOKE_WORLD = dict(customers=2_000, months=12, seed=42, n_offers=200)  # the small world of SMOKE runs (CI, nbdev-test)
+DEFAULT_WORLD = dict(customers=50_000, months=12, seed=42, n_offers=200)  # the world of default runs
 
 def default_world(smoke: bool = False) -> World:  # smoke: the small, fast world
     "The default world (50,000 customers, 12 months; 2,000 when `smoke`), generated once and cached."
     return generate_world(**(SMOKE_WORLD if smoke else DEFAULT_WORLD))
 
+# %% ../nbs/01_features.ipynb #9971e654
+def _duck(path=":memory:", read_only=False):  # a DuckDB file, or in memory
+    "A DuckDB connection with the session time zone set to UTC."
+    import duckdb
+    con = duckdb.connect(str(path), read_only=read_only)
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
 # %% ../nbs/01_features.ipynb #e5f0fcce
 class DataValidationError(ValueError):
     "Events or features broke the contract; the message names the column, the count and example customer ids."
 
-_EVENT_TYPES_OK = {"customer_id": ("VARCHAR",), "event_type": ("VARCHAR",), "timestamp": ("TIMESTAMP",),  # with or without time zone, any precision; naive is read as UTC
-                   "amount": ("DOUBLE", "FLOAT", "DECIMAL"), "offer_id": ("VARCHAR", '"NULL"'), "channel": ("VARCHAR",)}
-
-def _events_source(con, events) -> str:
-    "Register `events` (DataFrame, World, Parquet file/folder/glob) in `con` as view `ev_src`; return a description."
+def _events_source(con, events) -> str:  # a DuckDB connection; DataFrame, World, or Parquet file/folder/glob
+    "Register `events` in `con` as view `ev_src`; return a description."
     if isinstance(events, World): events = events.events_glob
     if isinstance(events, pd.DataFrame):
         con.register("ev_df", events)
@@ -423,10 +510,15 @@ def _events_source(con, events) -> str:
     path = Path(events)
     if path.is_dir(): path = path / "events" / "*.parquet" if (path / "world.json").exists() else path / "*.parquet"
     elif not "*" in str(path) and not path.exists(): raise FileNotFoundError(f"events not found: {path}")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW ev_src AS SELECT * FROM read_parquet('{path}')")
+    con.execute("SET VARIABLE events_path = ?", [str(path)])  # a view cannot take parameters; a variable can
+    con.execute("CREATE OR REPLACE TEMP VIEW ev_src AS SELECT * FROM read_parquet(getvariable('events_path'))")
     return str(path)
 
-def validate_events(con) -> None:
+# %% ../nbs/01_features.ipynb #e35603ae
+_EVENT_TYPES_OK = {"customer_id": ("VARCHAR",), "event_type": ("VARCHAR",), "timestamp": ("TIMESTAMP",),  # with or without time zone, any precision; naive is read as UTC
+                   "amount": ("DOUBLE", "FLOAT", "DECIMAL"), "offer_id": ("VARCHAR", '"NULL"'), "channel": ("VARCHAR",)}
+
+def validate_events(con) -> None:  # a DuckDB connection with view `ev_src`
     "Check the columns, types and values of view `ev_src` against the event contract; raise `DataValidationError`."
     types = {r[0]: r[1] for r in con.execute("DESCRIBE ev_src").fetchall()}
     for col, ok in _EVENT_TYPES_OK.items():
@@ -441,6 +533,20 @@ def validate_events(con) -> None:
     example = lambda c: [r[0] for r in con.execute(f"SELECT DISTINCT customer_id FROM ev_src WHERE {c} ORDER BY 1 LIMIT 3").fetchall()]
     bad = [f"'{col}': {n} bad value(s), e.g. customers {example(c)}" for (col, c), n in zip(checks.items(), counts) if n]
     raise DataValidationError("events: " + "; ".join(bad))
+
+# %% ../nbs/01_features.ipynb #bd9c6666
+def _as_of(as_of) -> pd.Timestamp:  # a date/time: str, datetime or Timestamp
+    "`as_of` as a UTC timestamp (a naive date or time is read as UTC)."
+    try: t = pd.Timestamp(as_of)
+    except (ValueError, TypeError) as e: raise ValueError(f"as_of: cannot read {as_of!r} as a date/time") from e
+    if pd.isna(t): raise ValueError(f"as_of: cannot read {as_of!r} as a date/time")
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+# %% ../nbs/01_features.ipynb #fb608145
+ENGAGEMENT_WEIGHTS = dict(recency=0.30, frequency=0.25, monetary=0.25, redemption=0.20)  # sum to 1: the score is in [0, 1]
+RECENCY_CAP_DAYS = 90  # silent this long or longer: no recency credit
+FREQUENCY_CAP = 20  # purchases in 30 days for full frequency credit
+MONETARY_CAP = 100  # spend in 90 days for full monetary credit
 
 # %% ../nbs/01_features.ipynb #8fd039c1
 _FEATURE_SQL = """
@@ -469,24 +575,12 @@ f AS (
          ELSE CASE WHEN m_all >= w_all AND m_all >= s_all THEN 'mobile' WHEN w_all >= s_all THEN 'web' ELSE 'in_store' END
     END AS channel_preference
   FROM agg)
-SELECT *, 0.30 * (1 - least(recency_days, 90) / 90) + 0.25 * least(1.0, frequency_30d / 20)
-        + 0.25 * least(1.0, monetary_90d / 100) + 0.20 * offer_redemption_rate AS engagement_score
+SELECT *, $w_recency * (1 - least(recency_days, $recency_cap) / $recency_cap) + $w_frequency * least(1.0, frequency_30d / $frequency_cap)
+        + $w_monetary * least(1.0, monetary_90d / $monetary_cap) + $w_redemption * offer_redemption_rate AS engagement_score
 FROM f ORDER BY customer_id
 """
 
-def _as_of(as_of) -> pd.Timestamp:
-    "`as_of` as a UTC timestamp (a naive date or time is read as UTC)."
-    try: t = pd.Timestamp(as_of)
-    except (ValueError, TypeError) as e: raise ValueError(f"as_of: cannot read {as_of!r} as a date/time") from e
-    if pd.isna(t): raise ValueError(f"as_of: cannot read {as_of!r} as a date/time")
-    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-
-def _duck(path=":memory:", read_only=False):
-    import duckdb
-    con = duckdb.connect(str(path), read_only=read_only)
-    con.execute("SET TimeZone = 'UTC'")
-    return con
-
+# %% ../nbs/01_features.ipynb #86c3a284
 def compute_features(events,  # DataFrame in the event contract, a World, or a Parquet file / folder / glob
                      as_of,  # the moment t: only events with timestamp < t are used
                      validate: bool = True) -> pd.DataFrame:  # check the events first (one extra scan)
@@ -497,13 +591,13 @@ def compute_features(events,  # DataFrame in the event contract, a World, or a P
         _events_source(con, events)
         if validate: validate_events(con)
         day = pd.Timedelta(days=1)
-        params = dict(t=t.to_pydatetime(), t30=(t - 30 * day).to_pydatetime(), t90=(t - 90 * day).to_pydatetime())
+        params = dict(t=t.to_pydatetime(), t30=(t - 30 * day).to_pydatetime(), t90=(t - 90 * day).to_pydatetime(),
+                      **{f"w_{k}": w for k, w in ENGAGEMENT_WEIGHTS.items()}, recency_cap=RECENCY_CAP_DAYS,
+                      frequency_cap=FREQUENCY_CAP, monetary_cap=MONETARY_CAP)
         return con.execute(_FEATURE_SQL, params).df()
     finally: con.close()
 
 # %% ../nbs/01_features.ipynb #94f87b43
-from functools import lru_cache
-
 @lru_cache(maxsize=None)
 def feature_schema():
     "The pandera schema of a feature snapshot (built on first use: pandera is a heavy import)."
@@ -519,6 +613,7 @@ def feature_schema():
         "engagement_score": num("float64", pa.Check.in_range(0, 1)),
     }, strict=True, ordered=True, name="features")
 
+# %% ../nbs/01_features.ipynb #7b28ec6f
 def validate_features(df: pd.DataFrame) -> pd.DataFrame:
     "`df` if it satisfies `feature_schema()`, else `DataValidationError` naming column, count and example customers."
     import pandera.errors as pe
@@ -532,7 +627,7 @@ def validate_features(df: pd.DataFrame) -> pd.DataFrame:
         raise DataValidationError("features: " + "; ".join(msgs)) from None
 
 # %% ../nbs/01_features.ipynb #90938bc4
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")  # version names: safe in paths, URLs and SQL
 _DDL = """
 CREATE TABLE IF NOT EXISTS feature_versions (version VARCHAR PRIMARY KEY, as_of TIMESTAMPTZ NOT NULL, created_at TIMESTAMPTZ NOT NULL,
   n_rows BIGINT NOT NULL, schema_hash VARCHAR NOT NULL, config JSON);
@@ -544,9 +639,10 @@ def schema_hash(df: pd.DataFrame) -> str:
     "Hash of a frame's column names and dtypes."
     return config_hash([[c, str(t)] for c, t in df.dtypes.items()])
 
+# %% ../nbs/01_features.ipynb #41036718
 class _OnlineView:
     "One version held in memory: customer ids sorted (bytes) for binary search, one numpy array per feature."
-    def __init__(self, df: pd.DataFrame):
+    def __init__(self, df: pd.DataFrame):  # customer_id + FEATURE_COLUMNS, sorted by customer_id
         self.ids = df.customer_id.to_numpy().astype("S")
         self.cols = {c: df[c].to_numpy() for c in FEATURE_COLUMNS if c != "channel_preference"}
         self.cols["channel_preference"] = np.asarray(CHANNELS, dtype=object)[pd.Categorical(df.channel_preference, categories=CHANNELS).codes]
@@ -580,58 +676,64 @@ class FeatureStore:
         if write: con.execute(_DDL)
         return con
 
-    def versions(self) -> pd.DataFrame:
-        "The metadata table: one row per complete version, oldest first."
-        return self._metadata().copy()
-
-    def _metadata(self) -> pd.DataFrame:
-        "The metadata table, re-read only when the DuckDB file (or its WAL) changed since the last read."
-        key = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else None for p in (self.path, Path(f"{self.path}.wal")))
-        if self._meta is None or key != self._meta_key:
-            con = self._connect()
-            try:
-                has = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'feature_versions'").fetchall()[0][0]
-                self._meta = (con.execute("SELECT * FROM feature_versions ORDER BY created_at, version").df() if has
-                              else pd.DataFrame(columns=["version", "as_of", "created_at", "n_rows", "schema_hash", "config"]))
-            finally: con.close()
-            self._meta_key, self._names = key, self._meta.version.tolist()
-        return self._meta
-
-    def _resolve(self, version: str | None) -> str:
-        "`version`, or the newest one when None; KeyError when unknown."
-        self._metadata()
-        vs = self._names
-        if version is None:
-            if not vs: raise KeyError("the feature store has no versions yet")
-            return vs[-1]
-        if version not in vs: raise KeyError(f"unknown version '{version}' (have {vs[-5:]})")
-        return version
-
-    def write(self, version: str,  # name of the new version (immutable once written)
-              df: pd.DataFrame,  # customer_id + FEATURE_COLUMNS, validated before anything is written
-              as_of,  # the moment the features describe
-              config: dict | None = None) -> dict:  # what produced them; include "events" (a path) for training_set labels
-        "Write a new version atomically (data + metadata in one transaction); return its metadata row."
-        if not isinstance(version, str) or not _VERSION_RE.match(version):
-            raise ValueError(f"version: {version!r} is not a valid name (letters, digits, _ . -, at most 64)")
-        t = _as_of(as_of)
-        df = validate_features(df)
-        con = self._connect(write=True)
+# %% ../nbs/01_features.ipynb #a13f3aac
+@patch
+def _metadata(self: FeatureStore) -> pd.DataFrame:
+    "The metadata table, re-read only when the DuckDB file (or its WAL) changed since the last read."
+    key = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else None for p in (self.path, Path(f"{self.path}.wal")))
+    if self._meta is None or key != self._meta_key:
+        con = self._connect()
         try:
-            con.execute("BEGIN TRANSACTION")
-            if con.execute("SELECT count(*) FROM feature_versions WHERE version = ?", [version]).fetchall()[0][0]:
-                raise ValueError(f"version '{version}' already exists; versions are immutable")
-            con.register("new_rows", df)
-            cols = ", ".join(["customer_id", *FEATURE_COLUMNS])
-            con.execute(f"INSERT INTO features SELECT $v, {cols}, now() FROM new_rows ORDER BY customer_id", {"v": version})
-            con.execute("INSERT INTO feature_versions VALUES (?, ?, now(), ?, ?, ?)",
-                        [version, t.to_pydatetime(), len(df), schema_hash(df), json.dumps(config or {}, default=str)])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            has = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'feature_versions'").fetchall()[0][0]
+            self._meta = (con.execute("SELECT * FROM feature_versions ORDER BY created_at, version").df() if has
+                          else pd.DataFrame(columns=["version", "as_of", "created_at", "n_rows", "schema_hash", "config"]))
         finally: con.close()
-        return self.versions().set_index("version").loc[version].to_dict()
+        self._meta_key, self._names = key, self._meta.version.tolist()
+    return self._meta
+
+@patch
+def versions(self: FeatureStore) -> pd.DataFrame:
+    "The metadata table: one row per complete version, oldest first."
+    return self._metadata().copy()
+
+@patch
+def _resolve(self: FeatureStore, version: str | None) -> str:  # a version name; None = the newest
+    "`version`, or the newest one when None; KeyError when unknown."
+    self._metadata()
+    vs = self._names
+    if version is None:
+        if not vs: raise KeyError("the feature store has no versions yet")
+        return vs[-1]
+    if version not in vs: raise KeyError(f"unknown version '{version}' (have {vs[-5:]})")
+    return version
+
+# %% ../nbs/01_features.ipynb #dffc1a09
+@patch
+def write(self: FeatureStore, version: str,  # name of the new version (immutable once written)
+          df: pd.DataFrame,  # customer_id + FEATURE_COLUMNS, validated before anything is written
+          as_of,  # the moment the features describe
+          config: dict | None = None) -> dict:  # what produced them; include "events" (a path) for training_set labels
+    "Write a new version atomically (data + metadata in one transaction); return its metadata row."
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise ValueError(f"version: {version!r} is not a valid name (letters, digits, _ . -, at most 64)")
+    t = _as_of(as_of)
+    df = validate_features(df)
+    con = self._connect(write=True)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        if con.execute("SELECT count(*) FROM feature_versions WHERE version = ?", [version]).fetchall()[0][0]:
+            raise ValueError(f"version '{version}' already exists; versions are immutable")
+        con.register("new_rows", df)
+        cols = ", ".join(["customer_id", *FEATURE_COLUMNS])
+        con.execute(f"INSERT INTO features SELECT $v, {cols}, now() FROM new_rows ORDER BY customer_id", {"v": version})
+        con.execute("INSERT INTO feature_versions VALUES (?, ?, now(), ?, ?, ?)",
+                    [version, t.to_pydatetime(), len(df), schema_hash(df), json.dumps(config or {}, default=str)])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally: con.close()
+    return self.versions().set_index("version").loc[version].to_dict()
 
 # %% ../nbs/01_features.ipynb #6a951a1f
 def _online(self: FeatureStore, version: str) -> _OnlineView:
@@ -646,16 +748,17 @@ def _online(self: FeatureStore, version: str) -> _OnlineView:
 
 @patch
 def get(self: FeatureStore, customer_id: str,  # the customer
-         version: str | None = None) -> dict:  # a version; None = the newest
+        version: str | None = None) -> dict:  # a version; None = the newest
     "The features of one customer in one version, from the in-memory view; KeyError when unknown."
     v = self._resolve(version)
     row = _online(self, v).get(str(customer_id))
     if row is None: raise KeyError(f"customer '{customer_id}' not in version '{v}'")
     return {**row, "version": v}
 
+# %% ../nbs/01_features.ipynb #9554705a
 @patch
 def get_many(self: FeatureStore, ids,  # customer ids
-              version: str | None = None) -> pd.DataFrame:  # a version; None = the newest
+             version: str | None = None) -> pd.DataFrame:  # a version; None = the newest
     "The features of many customers (unknown ids are left out), in the order of `ids`."
     v = self._resolve(version)
     con = self._connect()
@@ -665,10 +768,11 @@ def get_many(self: FeatureStore, ids,  # customer ids
                            "WHERE f.version = ? ORDER BY ids._pos", [v]).df()
     finally: con.close()
 
-# %% ../nbs/01_features.ipynb #2352a3f0
+# %% ../nbs/01_features.ipynb #c461cec8
 _NUMERIC = [c for c in FEATURE_COLUMNS if c != "channel_preference"]
 
 def _frame(self: FeatureStore, version: str) -> pd.DataFrame:
+    "Every row of one version."
     con = self._connect()
     try: return con.execute(f"SELECT customer_id, {', '.join(FEATURE_COLUMNS)} FROM features WHERE version = ?", [version]).df()
     finally: con.close()
@@ -684,13 +788,15 @@ def stats(self: FeatureStore, version: str | None = None) -> dict:  # None = the
                 features={c: {k: float(x) for k, x in q.loc[c].items()} for c in _NUMERIC},
                 channel_preference=df.channel_preference.value_counts(normalize=True).reindex(CHANNELS, fill_value=0).to_dict())
 
-def _psi(a: np.ndarray, b: np.ndarray, bins: int = 10) -> float:
+# %% ../nbs/01_features.ipynb #15624a9a
+def _psi(a: np.ndarray, b: np.ndarray, bins: int = 10) -> float:  # old values, new values, number of quantile bins
     "Population stability index of `b` against `a` on the deciles of `a`."
     edges = np.unique(np.quantile(a, np.linspace(0, 1, bins + 1)[1:-1]))
     pa_, pb = (np.bincount(np.searchsorted(edges, x, side="right"), minlength=edges.size + 1) / max(len(x), 1) for x in (a, b))
     pa_, pb = np.clip(pa_, 1e-4, None), np.clip(pb, 1e-4, None)
     return float(((pb - pa_) * np.log(pb / pa_)).sum())
 
+# %% ../nbs/01_features.ipynb #f9dc5eec
 @patch
 def diff(self: FeatureStore, a: str, b: str) -> dict:  # two versions: from a to b
     "What changed from version `a` to `b`: customers added/removed, and per feature the change of distribution."
@@ -741,15 +847,15 @@ def training_set(self: FeatureStore, entity_df: pd.DataFrame,  # rows of (custom
           labels AS (SELECT e._row, count(r.customer_id) > 0 AS label FROM ent_df e
                      LEFT JOIN (SELECT customer_id, timestamp FROM ev_src WHERE event_type = 'redeem') r
                      ON r.customer_id = e.customer_id AND r.timestamp >= e.timestamp
-                        AND r.timestamp < e.timestamp + to_days({int(horizon_days)}) GROUP BY e._row)
-          SELECT j.*, CAST(l.label AS INTEGER) AS label FROM joined j JOIN labels l USING (_row) ORDER BY _row""").df()
+                        AND r.timestamp < e.timestamp + to_days(CAST($horizon AS INTEGER)) GROUP BY e._row)
+          SELECT j.*, CAST(l.label AS INTEGER) AS label FROM joined j JOIN labels l USING (_row) ORDER BY _row""", {"horizon": int(horizon_days)}).df()
     finally: con.close()
     res = pd.concat([ent.reset_index(drop=True), out.drop(columns="_row")], axis=1)
     res.index = entity_df.index
     return res
 
 # %% ../nbs/01_features.ipynb #4b7e2d3a
-def _events_ref(events) -> tuple[str, dict]:
+def _events_ref(events) -> tuple[str, dict]:  # World, world folder, or Parquet file/folder/glob
     "(a path DuckDB can read, the world config or {}) for a World, a world folder, or Parquet file/folder/glob."
     if isinstance(events, World): return events.events_glob, events.config
     p = Path(events)
@@ -771,7 +877,8 @@ def build_snapshot(store: FeatureStore,  # where to write
     meta = store.write(version, df, t, dict(events=path, world=wcfg, feature_columns=FEATURE_COLUMNS))
     return {"version": version, **meta, "compute_s": t1 - t0, "write_s": time.perf_counter() - t1}
 
-def build_monthly(store: FeatureStore, world: World) -> list[dict]:
+# %% ../nbs/01_features.ipynb #3dea2aac
+def build_monthly(store: FeatureStore, world: World) -> list[dict]:  # where to write, which world
     "One snapshot per month end of `world`, named m01-YYYY-MM-DD ... (existing ones are kept)."
     have, out = set(store.versions().version), []
     for k, t in enumerate(world.month_ends(), 1):
@@ -833,6 +940,7 @@ def default_store_path(smoke: bool = False) -> Path:
 
 def _echo_json(obj): typer.echo(json.dumps(obj, indent=1, default=str))
 
+# %% ../nbs/01_features.ipynb #4b782200
 @data_app.command("generate")
 def cli_generate(customers: int = typer.Option(50_000, help="number of customers"),
                  months: int = typer.Option(12, help="calendar months of events"),
@@ -851,6 +959,7 @@ def cli_generate(customers: int = typer.Option(50_000, help="number of customers
     except ValueError as e: raise BadInput(str(e))
     _echo_json(dict(root=str(w.root), **w.stats))
 
+# %% ../nbs/01_features.ipynb #0e11ae5b
 def _store_opt(): return typer.Option(None, help="DuckDB store file (default: the default world's store)")
 def _open_store(store: Path | None) -> FeatureStore:
     if store is not None and not store.exists(): raise BadInput(f"store not found: {store}")
@@ -876,6 +985,7 @@ def cli_build(as_of: str | None = typer.Option(None, help="snapshot moment, e.g.
     for r in rows: typer.echo(f"{r['version']}: {r['n_rows']:,} customers as of {r['as_of']} (compute {r['compute_s']:.1f}s, write {r['write_s']:.1f}s)")
     typer.echo(f"{len(rows)} version(s) written to {st.path}")
 
+# %% ../nbs/01_features.ipynb #dbe59b8a
 @features_app.command("versions")
 def cli_versions(store: Path | None = _store_opt()):
     "List the versions in the store."
@@ -904,8 +1014,44 @@ def cli_diff(a: str = typer.Argument(..., help="the older version"), b: str = ty
     typer.echo(f"{d['a']} -> {d['b']}: {d['customers_a']:,} -> {d['customers_b']:,} customers, +{d['added']:,} added, -{d['removed']:,} removed")
     typer.echo(d["features"].round(4).to_string())
 
+# %% ../nbs/01_features.ipynb #c5f85883
+def _timed(fn, ids) -> dict:  # a lookup function, the ids to look up
+    "Latency summary (ms) of `fn(id)` over `ids`; every call must return something."
+    out = []
+    for i in ids:
+        t = time.perf_counter(); r = fn(i); out.append((time.perf_counter() - t) * 1000)
+        if r is None: raise RuntimeError(f"lookup of {i!r} returned nothing")
+    return latency_summary(out)
+
+def _bench_build(w: World, store: FeatureStore) -> tuple[dict, pd.DataFrame]:  # a world, an empty store
+    "Build throughput with and without the event checks, validation and write times; the snapshot written."
+    res = {}
+    t0 = time.perf_counter(); compute_features(w, w.end, validate=False); res["build_unvalidated_s"] = time.perf_counter() - t0
+    res["build_unvalidated_events_per_s"] = w.stats["events"] / res["build_unvalidated_s"]
+    t0 = time.perf_counter(); df = compute_features(w, w.end); res["build_s"] = time.perf_counter() - t0
+    res["build_events_per_s"] = w.stats["events"] / res["build_s"]  # the event checks included
+    t0 = time.perf_counter(); validate_features(df); res["validate_features_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter(); store.write("bench", df, w.end, dict(events=w.events_glob)); res["write_s"] = time.perf_counter() - t0
+    return res, df
+
+# %% ../nbs/01_features.ipynb #9732eed0
+def _bench_lookups(store: FeatureStore, ids: list[str]) -> dict:  # a store with version "bench", ids to look up
+    "Lookup latency: the in-memory fast path, DuckDB on the sorted layout, and the published-style query."
+    res = {}
+    t0 = time.perf_counter(); store.get(ids[0], "bench"); res["online_load_s"] = time.perf_counter() - t0
+    res["fast_ms"] = _timed(lambda i: store.get(i, "bench"), ids)
+    con = store._connect()
+    try:
+        cols = ", ".join(["customer_id", *FEATURE_COLUMNS])
+        res["sorted_sql_ms"] = _timed(lambda i: con.execute(f"SELECT {cols} FROM features WHERE version = 'bench' AND customer_id = ?", [i]).fetchall(), ids)
+        con.execute("CREATE TEMP TABLE published AS SELECT * FROM features ORDER BY hash(customer_id)")  # no index, unsorted
+        res["published_ms"] = _timed(lambda i: con.execute(f"SELECT {cols} FROM published WHERE customer_id = ? ORDER BY written_at DESC LIMIT 1", [i]).fetchall(), ids)
+    finally: con.close()
+    res["fast_vs_published_x"] = res["published_ms"]["p50"] / res["fast_ms"]["p50"]
+    return res
+
 # %% ../nbs/01_features.ipynb #88281026
-def serve_subprocess(store_path: Path, port: int | None = None):
+def serve_subprocess(store_path: Path, port: int | None = None):  # the DuckDB store to serve; None = a free port
     "Serve the feature router for the store at `store_path` with uvicorn in a child process; returns (process, base url)."
     import socket, subprocess, sys, httpx
     if port is None:
@@ -917,77 +1063,41 @@ def serve_subprocess(store_path: Path, port: int | None = None):
     url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
     while True:
         try:
-            if httpx.get(f"{url}/features/versions").status_code == 200: return proc, url
+            if httpx.get(f"{url}/features/versions", trust_env=False).status_code == 200: return proc, url
         except httpx.TransportError: pass
         if proc.poll() is not None or time.monotonic() - t0 > 60:
             proc.kill(); raise RuntimeError("the feature server did not start")
         time.sleep(0.1)
+def _bench_http(store: FeatureStore, ids: list[str]) -> dict:  # a store with version "bench", ids to look up
+    "HTTP latency of the router served by uvicorn in a child process, through one keep-alive client."
+    import httpx
+    proc, url = serve_subprocess(store.path)
+    try:
+        with httpx.Client(base_url=url, trust_env=False, timeout=60) as client:
+            get = lambda i: client.get(f"/features/{i}", params={"version": "bench"}).raise_for_status()
+            t0 = time.perf_counter(); client.get(f"/features/{ids[0]}", params={"version": "bench"}, timeout=900).raise_for_status()
+            first_s = time.perf_counter() - t0  # the server loads the version into memory
+            for i in ids[:50]: get(i)  # warm-up
+            return dict(http_first_request_s=first_s, http_ms=_timed(get, ids))
+    finally: proc.terminate(); proc.wait(10)
 
-class _KeepAlive:
-    "A minimal keep-alive HTTP/1.1 GET client on one socket: measures the server, not the client library."
-    def __init__(self, url: str):
-        import socket
-        host, port = url.split("//")[1].split(":")
-        self.sock = socket.create_connection((host, int(port)))
-    def __enter__(self): return self
-    def __exit__(self, *a): self.sock.close()
-    def get(self, path: str) -> bytes:
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
-        buf = b""
-        while b"\r\n\r\n" not in buf: buf += self.sock.recv(65536)
-        head, body = buf.split(b"\r\n\r\n", 1)
-        if not head.startswith(b"HTTP/1.1 200"): raise RuntimeError(head.split(b"\r\n")[0].decode())
-        n = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-        while len(body) < n: body += self.sock.recv(65536)
-        return body
-
+# %% ../nbs/01_features.ipynb #e1fa3a36
 def bench_features(customers: int = 100_000,  # world size
                    months: int = 12,  # world length
                    lookups: int = 2_000,  # timed single-customer lookups per path
                    seed: int = 0) -> dict:  # which customers are looked up
     "Generation, build throughput, lookup latency (fast path vs published-style query) and HTTP latency, one run."
-    import httpx
     w = generate_world(customers, months, out=workspace("bench", f"world-{customers}-{months}"), progress=True)
     res = dict(customers=customers, months=months, events=w.stats["events"], generate_s=w.stats["seconds"], generate_peak_rss_mb=w.stats["peak_rss_mb"])
     out = workspace("bench") / f"features-{customers}-{months}.json"
     store = FeatureStore(workspace("bench") / f"store-{customers}-{months}.duckdb")
     store.path.unlink(missing_ok=True); Path(f"{store.path}.wal").unlink(missing_ok=True)
-    t0 = time.perf_counter(); compute_features(w, w.end, validate=False); res["build_unvalidated_s"] = time.perf_counter() - t0
-    res["build_unvalidated_events_per_s"] = res["events"] / res["build_unvalidated_s"]
-    t0 = time.perf_counter(); df = compute_features(w, w.end); res["build_s"] = time.perf_counter() - t0
-    res["build_events_per_s"] = res["events"] / res["build_s"]  # the event checks included
-    t0 = time.perf_counter(); validate_features(df); res["validate_features_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter(); store.write("bench", df, w.end, dict(events=w.events_glob)); res["write_s"] = time.perf_counter() - t0
-    rng = np.random.default_rng(seed)
-    ids = df.customer_id.to_numpy()[rng.integers(0, len(df), lookups)].tolist()
+    build, df = _bench_build(w, store)
+    ids = df.customer_id.to_numpy()[np.random.default_rng(seed).integers(0, len(df), lookups)].tolist()
     del df
-    t0 = time.perf_counter(); store.get(ids[0], "bench"); res["online_load_s"] = time.perf_counter() - t0
-    def timed(fn):
-        out = []
-        for i in ids:
-            t = time.perf_counter(); r = fn(i); out.append((time.perf_counter() - t) * 1000)
-            assert r is not None
-        return latency_summary(out)
-    res["fast_ms"] = timed(lambda i: store.get(i, "bench"))
-    con = store._connect()
-    try:
-        cols = ", ".join(["customer_id", *FEATURE_COLUMNS])
-        sql_ms = timed(lambda i: con.execute(f"SELECT {cols} FROM features WHERE version = 'bench' AND customer_id = ?", [i]).fetchall())
-        res["sorted_sql_ms"] = sql_ms
-        con.execute("CREATE TEMP TABLE published AS SELECT * FROM features ORDER BY hash(customer_id)")  # no index, unsorted
-        res["published_ms"] = timed(lambda i: con.execute(f"SELECT {cols} FROM published WHERE customer_id = ? ORDER BY written_at DESC LIMIT 1", [i]).fetchall())
-    finally: con.close()
-    res["fast_vs_published_x"] = res["published_ms"]["p50"] / res["fast_ms"]["p50"]
+    res.update(build); res.update(_bench_lookups(store, ids))
     out.write_text(json.dumps(res, indent=1))  # keep what is measured so far
-    proc, url = serve_subprocess(store.path)
-    try:
-        with httpx.Client(base_url=url, trust_env=False, timeout=60) as client:
-            t0 = time.perf_counter(); client.get(f"/features/{ids[0]}", params={"version": "bench"}, timeout=900).raise_for_status()
-            res["http_first_request_s"] = time.perf_counter() - t0  # the server loads the version into memory
-            for i in ids[:50]: client.get(f"/features/{i}", params={"version": "bench"})  # warm-up
-            res["http_ms"] = timed(lambda i: client.get(f"/features/{i}", params={"version": "bench"}).raise_for_status())
-        with _KeepAlive(url) as raw: res["http_raw_ms"] = timed(lambda i: raw.get(f"/features/{i}?version=bench"))
-    finally: proc.terminate(); proc.wait(10)
+    res.update(_bench_http(store, ids))
     res["peak_rss_mb"] = peak_rss_mb()
     out.write_text(json.dumps(res, indent=1))
     return res
@@ -1000,12 +1110,13 @@ def cli_bench_features(customers: int = typer.Option(100_000, help="world size")
     r = bench_features(customers, months, lookups)
     _echo_json(r)
     typer.echo(f"\nfast lookup p50 {r['fast_ms']['p50'] * 1000:.1f} µs vs published-style {r['published_ms']['p50']:.3f} ms "
-               f"({r['fast_vs_published_x']:.0f}x); HTTP p50 {r['http_raw_ms']['p50']:.3f} ms (keep-alive socket), "
-               f"{r['http_ms']['p50']:.3f} ms (httpx); build {r['build_events_per_s'] / 1e6:.2f}M events/s")
+               f"({r['fast_vs_published_x']:.0f}x); HTTP p50 {r['http_ms']['p50']:.3f} ms; build {r['build_events_per_s'] / 1e6:.2f}M events/s")
 
+# %% ../nbs/01_features.ipynb #b12cb9aa
 @demo_step(10, "Synthetic world + monthly feature snapshots in the DuckDB feature store")
 def _demo_features() -> dict:
-    w, store = default_world(), default_store()
+    smoke = get_settings().smoke_mode  # LOYALTYLENS_SMOKE (or nbdev-test): the small world
+    w, store = default_world(smoke), default_store(smoke)
     vs = store.versions()
     return {"world (events, offers, truth)": str(w.root), "events": f"{w.stats['events']:,} events of {w.config['customers']:,} customers",
             "feature store": f"{store.path} ({len(vs)} versions, newest {vs.version.iloc[-1]})"}

@@ -1,6 +1,6 @@
 """Integration tests of loyaltylens.features: the SQL against a pandas reference, a writer killed mid-version,
 bad Parquet input through the real CLI, drift knobs, the catalog text, and leakage/learnability on the default world."""
-import json, os, signal, subprocess, sys, textwrap, time
+import hashlib, json, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from loyaltylens.features import (CHANNELS, EVENT_TYPES, FEATURE_COLUMNS, FeatureStore, compute_features,
+from loyaltylens.features import (CHANNELS, EVENT_TYPES, FEATURE_COLUMNS, GENERATOR_VERSION, FeatureStore, compute_features,
                                   default_store, default_world, generate_world, make_offers, router, served_store)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,15 +65,40 @@ def test_parquet_and_dataframe_agree(tmp_path):
     pd.testing.assert_frame_equal(compute_features(tmp_path / "ev.parquet", T), compute_features(ev, T))
 
 
+def test_paths_with_quotes_reach_duckdb_as_parameters(tmp_path):
+    "A quote in a folder name must work everywhere a path meets DuckDB (it broke SQL built with f-strings)."
+    odd = tmp_path / "o'brien's data"
+    odd.mkdir()
+    ev = random_events(3)
+    ev.to_parquet(odd / "ev.parquet")
+    pd.testing.assert_frame_equal(compute_features(odd / "ev.parquet", T), compute_features(ev, T))
+    pd.testing.assert_frame_equal(compute_features(odd, T), compute_features(ev, T))  # a folder of Parquet files
+    store = FeatureStore(odd / "store.duckdb")
+    store.write("v1", compute_features(ev, T), T, {"events": str(odd / "ev.parquet")})
+    cid = ev.customer_id.iloc[0]
+    ts = store.training_set(pd.DataFrame({"customer_id": [cid], "timestamp": [T + DAY]}))
+    label = int(((ev.customer_id == cid) & (ev.event_type == "redeem") & (ev.timestamp >= T + DAY) & (ev.timestamp < T + 31 * DAY)).any())
+    assert (ts.as_of.tolist(), ts.recency_days.tolist(), ts.label.tolist()) == ([T], [store.get(cid)["recency_days"]], [label])
+    w = generate_world(200, months=2, seed=1, out=odd / "world")
+    assert w.redemption_probability(["C00000000"]).shape == (1, w.config["n_offers"])
+
+
 # ---------------------------------------------------------------- atomic versions: kill a writer mid-write
-WRITER = textwrap.dedent("""
-    import sys, numpy as np, pandas as pd
-    from loyaltylens.features import FeatureStore, FEATURE_COLUMNS
-    n = int(sys.argv[2]); rng = np.random.default_rng(0)
-    df = pd.DataFrame({"customer_id": [f"K{i:09d}" for i in range(n)], "recency_days": rng.integers(0, 90, n),
-                       "frequency_30d": rng.integers(0, 9, n), "monetary_90d": rng.uniform(0, 500, n),
-                       "offer_redemption_rate": rng.uniform(0, 1, n), "channel_preference": "web",
-                       "engagement_score": rng.uniform(0, 1, n)})
+BIG_ROWS = 3_000_000  # rows of the killed version: large enough that the write takes about a second or more
+KILL_DELAYS = [0.0, 0.3, 0.8]  # seconds between the write getting under way and the SIGKILL
+BIG_FRAME = textwrap.dedent("""
+    import numpy as np, pandas as pd
+    def big_frame(n):
+        rng = np.random.default_rng(0)
+        return pd.DataFrame({"customer_id": [f"K{i:09d}" for i in range(n)], "recency_days": rng.integers(0, 90, n),
+                             "frequency_30d": rng.integers(0, 9, n), "monetary_90d": rng.uniform(0, 500, n),
+                             "offer_redemption_rate": rng.uniform(0, 1, n), "channel_preference": "web",
+                             "engagement_score": rng.uniform(0, 1, n)})
+""")
+WRITER = BIG_FRAME + textwrap.dedent("""
+    import sys
+    from loyaltylens.features import FeatureStore
+    df = big_frame(int(sys.argv[2]))
     print("writing", flush=True)
     FeatureStore(sys.argv[1]).write("big", df, "2024-06-01", {"events": "none"})
     print("done", flush=True)
@@ -88,38 +113,64 @@ def _small(n=50):
                          "engagement_score": rng.uniform(0, 1, n)})
 
 
-@pytest.mark.parametrize("extra_delay", [0.0, 0.3, 0.8])
-def test_killed_writer_leaves_only_complete_versions(tmp_path, extra_delay):
-    path = tmp_path / "store.duckdb"
-    store = FeatureStore(path)
-    store.write("v1", _small(), "2024-05-01", {"events": "none"})
+def _checksums(con, version):
+    "Row count and per-column sums of one version, straight from the table."
+    return con.execute("SELECT count(*), sum(recency_days), sum(frequency_30d), sum(monetary_90d), sum(offer_redemption_rate), "
+                       "sum(engagement_score), count(DISTINCT customer_id), min(customer_id), max(customer_id) "
+                       "FROM features WHERE version = ?", [version]).fetchall()[0]
+
+
+def _kill_writer(path: Path, delay: float) -> str:
+    """Start a writer of version 'big' into `path`, SIGKILL it `delay` s after its write is under way.
+    Returns 'torn' (killed before its commit), 'killed-after-commit' or 'finished' (it exited before the signal)."""
     before = path.stat().st_size
-    proc = subprocess.Popen([PY, "-c", WRITER, str(path), "3000000"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([PY, "-c", WRITER, str(path), str(BIG_ROWS)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     wal = Path(f"{path}.wal")
     deadline = time.monotonic() + 120  # wait until the write is under way (the file or its WAL grows), then kill
     while time.monotonic() < deadline and proc.poll() is None:
         if path.stat().st_size != before or (wal.exists() and wal.stat().st_size > 0): break
         time.sleep(0.005)
-    time.sleep(extra_delay)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_mid_write = proc.returncode == -signal.SIGKILL
-    reopened = FeatureStore(path)
-    vs = reopened.versions()
-    if killed_mid_write:
-        assert vs.version.tolist() == ["v1"]
-    else:  # the write won the race: then it must be complete
-        assert vs.version.tolist() == ["v1", "big"] and len(reopened.get_many([f"K{i:09d}" for i in range(10)], "big")) == 10
-    pd.testing.assert_frame_equal(reopened.get_many(_small().customer_id, "v1"), _small(), check_dtype=False)
+    if proc.returncode != -signal.SIGKILL: return "finished"
+    return "killed-after-commit" if "big" in FeatureStore(path).versions().version.tolist() else "torn"
+
+
+def test_killed_writer_leaves_only_complete_versions(tmp_path):
+    """SIGKILL a writer at several moments of a 3M-row version. Whatever the moment, the store shows either no 'big'
+    or all of it (rows and values), 'v1' is untouched, no stray rows exist and the store stays writable. The kill must
+    land before the commit at least once, or the test proved nothing."""
     import duckdb
-    con = duckdb.connect(str(path), read_only=True)
-    stray = con.execute("SELECT count(*) FROM features WHERE version NOT IN (SELECT version FROM feature_versions)").fetchall()[0][0]
-    con.close()
-    assert stray == 0
-    reopened.write("v2", _small(), "2024-06-01", {"events": "none"})  # still writable
-    assert reopened.versions().version.tolist()[-1] == "v2"
-    assert killed_mid_write or extra_delay > 0, "the writer finished before it could be killed"
+    ns: dict = {}
+    exec(BIG_FRAME, ns)
+    big = ns["big_frame"](BIG_ROWS)
+    want = (BIG_ROWS, int(big.recency_days.sum()), int(big.frequency_30d.sum()), big.monetary_90d.sum(),
+            big.offer_redemption_rate.sum(), big.engagement_score.sum(), BIG_ROWS, big.customer_id.min(), big.customer_id.max())
+    outcomes = {}
+    for delay in KILL_DELAYS:
+        path = tmp_path / f"store-{delay}.duckdb"
+        FeatureStore(path).write("v1", _small(), "2024-05-01", {"events": "none"})
+        outcomes[delay] = outcome = _kill_writer(path, delay)
+        reopened = FeatureStore(path)
+        vs = reopened.versions()
+        assert vs.version.tolist() == (["v1"] if outcome == "torn" else ["v1", "big"]), (delay, outcome, vs.version.tolist())
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            if outcome != "torn":  # visible, so it must be complete: every row, every value
+                got = _checksums(con, "big")
+                assert got[0] == want[0] and got[1:3] == want[1:3] and got[6:] == want[6:], (delay, got, want)
+                np.testing.assert_allclose(got[3:6], want[3:6], rtol=1e-9, err_msg=f"delay {delay}")
+                assert int(vs.set_index("version").loc["big", "n_rows"]) == BIG_ROWS
+            stray = con.execute("SELECT count(*) FROM features WHERE version NOT IN (SELECT version FROM feature_versions)").fetchall()[0][0]
+        finally: con.close()
+        assert stray == 0, (delay, outcome, stray)
+        pd.testing.assert_frame_equal(reopened.get_many(_small().customer_id, "v1"), _small(), check_dtype=False)
+        reopened.write("v2", _small(), "2024-06-01", {"events": "none"})  # still writable
+        assert reopened.versions().version.tolist()[-1] == "v2"
+    print("kill outcomes by delay:", outcomes)
+    assert "torn" in outcomes.values(), f"no kill landed before the commit, so nothing was tested: {outcomes}"
 
 
 # ---------------------------------------------------------------- bad input: real CLI, store unchanged
@@ -225,13 +276,38 @@ def test_drift_knobs(tmp_path):
     assert abs(early(shifted) / early(base) - 1) < 0.1
 
 
+def test_generator_output_is_pinned(tmp_path):
+    """Same GENERATOR_VERSION, same events: a small world with drift knobs hashes to the value recorded before the
+    generator was split into lesson cells. A deliberate change of the world must bump GENERATOR_VERSION and this pin."""
+    w = generate_world(500, months=2, seed=11, out=tmp_path / "w", tz_shift_hours=3, spend_shift=0.2, shift_from_month=1)
+    digest = lambda df: hashlib.sha1(pd.util.hash_pandas_object(df, index=False).values.tobytes()).hexdigest()[:16]
+    assert (GENERATOR_VERSION, w.stats["events"], digest(w.load_events()), digest(w.load_truth())) == \
+        (1, 12516, "6cf9e54565e92911", "eb74d0112b00d32c")
+
+
 def test_bad_world_config():
     with pytest.raises(ValueError, match="customers"): generate_world(0)
     with pytest.raises(ValueError, match="shift_from_month"): generate_world(10, months=2, shift_from_month=5)
 
 
+# ---------------------------------------------------------------- training-serving skew
+def test_online_and_offline_features_agree():
+    "No training-serving skew: online get == training_set (ASOF join) == compute_features, same customer and moment."
+    world, store = default_world(smoke=True), default_store(smoke=True)
+    vs = store.versions()
+    for k in (2, 7, 11):
+        v, as_of = vs.version.iloc[k], pd.Timestamp(vs.as_of.iloc[k])
+        fresh = compute_features(world, as_of)
+        ids = sorted(fresh.customer_id.sample(100, random_state=k))
+        online = pd.DataFrame([store.get(c, v) for c in ids]).drop(columns="version")
+        offline = store.training_set(pd.DataFrame({"customer_id": ids, "timestamp": as_of}))[["customer_id", *FEATURE_COLUMNS]]
+        pd.testing.assert_frame_equal(online, offline, check_dtype=False, check_exact=True)
+        pd.testing.assert_frame_equal(online, fresh.set_index("customer_id").loc[ids].reset_index(), check_dtype=False, check_exact=True)
+
+
 # ---------------------------------------------------------------- leakage & learnability on the default world
-def _auc(y, s):
+def _separation(y, s):
+    "AUC of one feature in either direction: a feature low for redeemers leaks as much as one that is high."
     from sklearn.metrics import roc_auc_score
     a = roc_auc_score(y, s)
     return max(a, 1 - a)
@@ -240,6 +316,7 @@ def _auc(y, s):
 def test_default_world_no_leak_and_learnable():
     "Default world (50,000 customers, 12 months): no single feature AUC > 0.90; logistic regression AUC >= 0.65 a later month."
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     world, store = default_world(), default_store()
@@ -257,9 +334,9 @@ def test_default_world_no_leak_and_learnable():
         return x.to_numpy()
     train = pd.concat([rows(k) for k in range(1, 9)])
     test = rows(10)
-    aucs = {c: _auc(test.label, test[c].astype(float)) for c in FEATURE_COLUMNS if c != "channel_preference"}
+    aucs = {c: _separation(test.label, test[c].astype(float)) for c in FEATURE_COLUMNS if c != "channel_preference"}
     lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X(train), train.label)
-    lr_auc = _auc(test.label, lr.predict_proba(X(test))[:, 1])
+    lr_auc = roc_auc_score(test.label, lr.predict_proba(X(test))[:, 1])  # direction matters: higher score, more redeemers
     print(f"\nlabel rate {test.label.mean():.3f}; single-feature AUCs {aucs}; LR AUC month 10 = {lr_auc:.3f}")
     assert max(aucs.values()) <= 0.90, aucs
     assert lr_auc >= 0.65, lr_auc
@@ -270,13 +347,16 @@ def test_bench_command_small(tmp_path):
     r = _cli("bench", "features", "--customers", "2000", "--months", "2", "--lookups", "50", env={"LOYALTYLENS_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "bench" / "features-2000-2.json").read_text())
-    for k in ["fast_ms", "sorted_sql_ms", "published_ms", "http_ms", "http_raw_ms"]: assert res[k]["n"] == 50 and res[k]["p50"] > 0
+    for k in ["fast_ms", "sorted_sql_ms", "published_ms", "http_ms"]: assert res[k]["n"] == 50 and res[k]["p50"] > 0, (k, res[k])
     assert res["build_events_per_s"] > 0 and res["peak_rss_mb"] > 0
     assert _cli("bench", "features", "--customers", "0").returncode == 2
 
 
-def test_demo_step():
+def test_demo_step_honours_smoke(monkeypatch):
+    "With LOYALTYLENS_SMOKE set, the demo step uses the small world (it used to build the 50,000-customer one)."
     from loyaltylens.core import DEMO_STEPS
+    monkeypatch.setenv("LOYALTYLENS_SMOKE", "1")
     title, fn = DEMO_STEPS[10]
     out = fn()
-    assert "feature store" in out and "12 versions" in out["feature store"]
+    assert out["world (events, offers, truth)"] == str(default_world(smoke=True).root), out
+    assert "2,000 customers" in out["events"] and "12 versions" in out["feature store"], out
