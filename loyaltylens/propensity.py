@@ -1,4 +1,4 @@
-"""Article 2 — who redeems an offer in the next 30 days? A PyTorch TabTransformer against gradient boosting and logistic regression on a later month, calibrated, tracked in MLflow, exported to TorchScript and ONNX, and served.
+"""Article 2 — a PyTorch TabTransformer against gradient boosting and logistic regression on a future-window label and a temporal split; calibrated, tracked in MLflow, exported to TorchScript and ONNX, and served.
 
 Docs: https://loyaltylens.github.io/loyaltylens/propensity.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/propensity.html.md"""
 
 # %% ../nbs/02_propensity.ipynb #b91200e2
 from __future__ import annotations
-import json, shutil, tempfile, time
+import json, os, shutil, tempfile, time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import typer
 from fastapi import APIRouter, Depends, HTTPException
+from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .core import (BadInput, app, bench_app, demo_step, get_settings, latency_summary, mlflow_experiment, workspace,
@@ -24,12 +25,17 @@ from .core import (BadInput, app, bench_app, demo_step, get_settings, latency_su
 from .features import CHANNELS, FEATURE_COLUMNS
 
 # %% auto #0
-__all__ = ['HORIZON_DAYS', 'NUMERIC_COLUMNS', 'COUNT_COLUMNS', 'MODEL_NAME', 'EXPERIMENT', 'LOG_COLUMNS', 'router', 'model_app',
-           'build_training_set', 'Split', 'temporal_split', 'check_separation', 'validate_features', 'Preprocessor',
-           'tab_transformer_class', 'expected_calibration_error', 'top_decile_lift', 'best_threshold',
-           'classification_metrics', 'Calibrator', 'PropensityModel', 'TrainConfig', 'fit_tabtransformer',
-           'fit_baselines', 'baseline_predict', 'Report', 'spend_tier', 'segment_metrics', 'train_propensity',
-           'reliability_plot', 'model_card', 'publish', 'load_registered', 'save_default', 'default_model',
+__all__ = ['HORIZON_DAYS', 'NUMERIC_COLUMNS', 'COUNT_COLUMNS', 'MODEL_NAME', 'EXPERIMENT', 'SMOKE_EPOCHS', 'validate_features',
+           'ECE_BINS', 'TOP_FRACTION', 'TRAIN_MONTHS', 'VALID_MONTH', 'TEST_MONTH', 'LOG_COLUMNS', 'GBDT_MAX_ITER',
+           'PUBLISHED_LABEL_THRESHOLD', 'PUBLISHED_FRACTIONS', 'PUBLISHED_SEED', 'N_BINS', 'MIN_STD', 'UNPENALISED_C',
+           'PROBABILITY_FLOOR', 'MIN_BIN_ROWS', 'PIP_REQUIREMENTS', 'EXAMPLE_BATCH', 'AGREEMENT_TOLERANCE',
+           'MAX_BATCH_ROWS', 'router', 'model_app', 'BENCH_ROWS', 'build_training_set', 'check_model_input',
+           'expected_calibration_error', 'top_decile_lift', 'best_threshold', 'classification_metrics', 'Split',
+           'temporal_split', 'check_separation', 'baseline_models', 'fit_baselines', 'baseline_predict',
+           'published_label', 'random_split', 'relabel', 'label_split_table', 'Preprocessor', 'tab_transformer_class',
+           'Calibrator', 'PropensityModel', 'TrainConfig', 'fit_tabtransformer', 'spend_tier', 'segment_metrics',
+           'Report', 'measure_on_test_month', 'train_propensity', 'reliability_plot', 'auc_verdict', 'model_card',
+           'model_signature', 'model_input_example', 'publish', 'load_registered', 'save_default', 'default_model',
            'export_torchscript', 'export_onnx', 'runtimes', 'predict', 'FeatureRow', 'PredictRequest',
            'PredictResponse', 'current_model', 'predict_endpoint', 'model_endpoint', 'train_cmd', 'info_cmd',
            'export_cmd', 'predict_cmd', 'benchmark', 'bench_propensity']
@@ -40,72 +46,28 @@ NUMERIC_COLUMNS = [c for c in FEATURE_COLUMNS if c != "channel_preference"]
 COUNT_COLUMNS = ["recency_days", "frequency_30d"]  # integer counts: must be whole and non-negative
 MODEL_NAME = "loyaltylens-propensity"  # the registered MLflow model
 EXPERIMENT = "loyaltylens-propensity"  # the MLflow experiment
+SMOKE_EPOCHS = 3  # epochs at SMOKE size: enough to learn something, quick to run
 
 # %% ../nbs/02_propensity.ipynb #d3b9032d
 def build_training_set(store,  # a `loyaltylens.features.FeatureStore` with monthly snapshots
                        world,  # the `loyaltylens.features.World` the store was built from (customers, end of events)
                        horizon_days: int = HORIZON_DAYS,  # label window length
                       ) -> pd.DataFrame:
-    "Customer × snapshot rows: features as of the snapshot time, label = redemption within `horizon_days`, and `as_of`."
+    "Customer × snapshot rows: features as of the snapshot time, `label` = a redemption within `horizon_days`, and `as_of`."
     import duckdb
     as_ofs = sorted(pd.to_datetime(store.versions().as_of, utc=True).unique())
     as_ofs = [t for t in as_ofs if t + pd.Timedelta(days=horizon_days) <= world.end]  # complete label windows only
-    ids = duckdb.connect().execute(f"SELECT DISTINCT customer_id FROM read_parquet('{world.events_glob}') ORDER BY 1").df().customer_id
+    ids = duckdb.connect().execute("SELECT DISTINCT customer_id FROM read_parquet(?) ORDER BY 1", [world.events_glob]).df().customer_id
     entity = pd.DataFrame(dict(customer_id=np.tile(ids.to_numpy(), len(as_ofs)), timestamp=np.repeat(as_ofs, len(ids))))
     ts = store.training_set(entity, horizon_days=horizon_days)
     ts = ts[ts.as_of.notna() & (pd.to_datetime(ts.as_of, utc=True) == ts.timestamp)].reset_index(drop=True)  # features of that snapshot
     ts["as_of"] = pd.to_datetime(ts.as_of, utc=True)
     return ts
 
-# %% ../nbs/02_propensity.ipynb #6f54ba70
-@dataclass
-class Split:
-    "Train / validation / test rows of a temporal split, and the snapshot times that bound them."
-    train: pd.DataFrame  # rows with as_of in the training months (label windows end before `valid_as_of`)
-    valid: pd.DataFrame  # rows at the validation snapshot (label windows end before `test_as_of`)
-    test: pd.DataFrame  # rows at the test snapshot
-    horizon_days: int = HORIZON_DAYS  # label window length the split was checked against
-
-    def summary(self) -> pd.DataFrame:
-        "Rows, positives, positive rate and snapshot range per part."
-        return pd.DataFrame([dict(part=k, rows=len(d), positives=int(d.label.sum()), positive_rate=round(float(d.label.mean()), 4),
-                                  first_as_of=d.as_of.min(), last_as_of=d.as_of.max(),
-                                  last_label_end=d.as_of.max() + pd.Timedelta(days=self.horizon_days))
-                             for k, d in [("train", self.train), ("valid", self.valid), ("test", self.test)]]).set_index("part")
-
-# %% ../nbs/02_propensity.ipynb #fdda02e5
-def temporal_split(ts: pd.DataFrame,  # training-set frame with `as_of` and `label`
-                   train_months: tuple[int, int] = (1, 8),  # first and last training month (1 = first snapshot)
-                   valid_month: int = 9,  # the month that picks epochs, threshold and calibration
-                   test_month: int = 10,  # the month every reported number comes from
-                   horizon_days: int = HORIZON_DAYS,  # label window length
-                  ) -> Split:
-    "Split `ts` by snapshot month so that no label window reaches into a later part."
-    months = np.sort(ts["as_of"].unique())
-    if not (1 <= train_months[0] <= train_months[1] < valid_month < test_month):
-        raise ValueError(f"months must satisfy 1 <= train start <= train end < valid < test, got {train_months}, {valid_month}, {test_month}")
-    if test_month > len(months): raise ValueError(f"test_month={test_month} but the frame has only {len(months)} snapshots")
-    h = pd.Timedelta(days=horizon_days)
-    t_valid, t_test = months[valid_month - 1], months[test_month - 1]
-    train = ts[ts.as_of.isin(months[train_months[0] - 1:train_months[1]]) & (ts.as_of + h <= t_valid)]
-    valid = ts[(ts.as_of == t_valid) & (ts.as_of + h <= t_test)]
-    if train.empty or valid.empty: raise ValueError(f"empty train or validation part: label windows of {horizon_days} days reach the next part")
-    return Split(train.reset_index(drop=True), valid.reset_index(drop=True), ts[ts.as_of == t_test].reset_index(drop=True), horizon_days)
-
-def check_separation(split: Split) -> dict:
-    "Assert that every label window ends at or before the next part's first snapshot; return the margins."
-    h = pd.Timedelta(days=split.horizon_days)
-    train_end, valid_end = split.train.as_of.max() + h, split.valid.as_of.max() + h
-    assert train_end <= split.valid.as_of.min(), f"a train label window ends {train_end}, after validation starts"
-    assert valid_end <= split.test.as_of.min(), f"a validation label window ends {valid_end}, after test starts"
-    assert not set(split.valid.as_of) & set(split.train.as_of) and not set(split.test.as_of) & set(split.valid.as_of)
-    return dict(train_label_end=train_end, valid_as_of=split.valid.as_of.min(),
-                valid_label_end=valid_end, test_as_of=split.test.as_of.min())
-
 # %% ../nbs/02_propensity.ipynb #5fdbeae5
-def validate_features(df: pd.DataFrame,  # rows with the six FEATURE_COLUMNS (extra columns are ignored)
+def check_model_input(df: pd.DataFrame,  # rows with the six FEATURE_COLUMNS (extra columns are ignored)
                      ) -> pd.DataFrame:
-    "`df[FEATURE_COLUMNS]` with numeric dtypes, or a ValueError naming the first bad field."
+    "`df[FEATURE_COLUMNS]` with float numerics, or a ValueError naming the first bad field."
     if not isinstance(df, pd.DataFrame): df = pd.DataFrame(df)
     missing = [c for c in FEATURE_COLUMNS if c not in df.columns]
     if missing: raise ValueError(f"missing field: {missing[0]}")
@@ -121,8 +83,196 @@ def validate_features(df: pd.DataFrame,  # rows with the six FEATURE_COLUMNS (ex
     if bad.any(): raise ValueError(f"channel_preference: unknown channel {out.channel_preference[bad].iloc[0]!r} (expected one of {list(CHANNELS)})")
     return out
 
-# %% ../nbs/02_propensity.ipynb #0e60768a
+# %% ../nbs/02_propensity.ipynb #777f5439
+validate_features = check_model_input  # the former name, kept while notebook 07a (deploy) still calls it; use check_model_input
+
+# %% ../nbs/02_propensity.ipynb #a066d2cb
+ECE_BINS = 15  # equal-width probability bins for the expected calibration error and the reliability plot
+
+def expected_calibration_error(y: np.ndarray,  # 0/1 redemption labels
+                               p: np.ndarray,  # redemption probabilities
+                               n_bins: int = ECE_BINS):  # equal-width probability bins
+    "Sum over bins of (bin share) × |observed rate − mean prediction|."
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    idx = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    n, sy, sp = (np.bincount(idx, w, n_bins) for w in (None, y, p))
+    keep = n > 0
+    return float(np.sum(np.abs(sy[keep] - sp[keep])) / len(y))
+
+# %% ../nbs/02_propensity.ipynb #fa8b79c7
+TOP_FRACTION = 0.10  # the "top decile" a campaign would target
+
+def top_decile_lift(y: np.ndarray,  # 0/1 redemption labels
+                    p: np.ndarray,  # scores or probabilities (only their order matters)
+                    fraction: float = TOP_FRACTION):  # share of highest-scored rows targeted
+    "Positive rate among the `fraction` highest-scored rows divided by the overall positive rate."
+    y = np.asarray(y, float)
+    top = np.argsort(-np.asarray(p), kind="stable")[:max(1, int(len(y) * fraction))]
+    return float(y[top].mean() / y.mean())
+
+# %% ../nbs/02_propensity.ipynb #8c546c56
+def best_threshold(y: np.ndarray,  # 0/1 validation labels
+                   p: np.ndarray,  # validation probabilities
+                  ) -> float:
+    "The probability threshold with the highest F1 (chosen on validation, used on test)."
+    from sklearn.metrics import precision_recall_curve
+    prec, rec, thr = precision_recall_curve(y, p)
+    f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)  # the floor only avoids 0 / 0
+    return float(thr[np.argmax(f1)])
+
+# %% ../nbs/02_propensity.ipynb #a066d2cc
+def classification_metrics(y: np.ndarray,  # 0/1 labels
+                           p: np.ndarray,  # predicted probabilities
+                           threshold: float = 0.5,  # operating threshold for precision/recall
+                          ) -> dict:
+    "ROC-AUC, PR-AUC, Brier, ECE, precision/recall at `threshold`, top-decile lift."
+    from sklearn.metrics import average_precision_score, brier_score_loss, precision_score, recall_score, roc_auc_score
+    y, p = np.asarray(y), np.asarray(p)
+    hit = p >= threshold
+    return dict(roc_auc=roc_auc_score(y, p), pr_auc=average_precision_score(y, p), brier=brier_score_loss(y, p),
+                ece=expected_calibration_error(y, p), precision=precision_score(y, hit, zero_division=0),
+                recall=recall_score(y, hit, zero_division=0), lift_top_decile=top_decile_lift(y, p),
+                threshold=float(threshold), positive_rate=float(y.mean()), n=int(len(y)))
+
+# %% ../nbs/02_propensity.ipynb #6f54ba70
+@dataclass
+class Split:
+    "Train / validation / test rows of a split, and the label window they were checked against."
+    train: pd.DataFrame  # rows the models are fitted on
+    valid: pd.DataFrame  # rows that pick epochs, the threshold and the calibration
+    test: pd.DataFrame  # rows every reported number comes from
+    horizon_days: int = HORIZON_DAYS  # label window length
+
+    def summary(self) -> pd.DataFrame:
+        "Rows, positives, positive rate and snapshot range per part."
+        return pd.DataFrame([dict(part=k, rows=len(d), positives=int(d.label.sum()), positive_rate=round(float(d.label.mean()), 4),
+                                  first_as_of=d.as_of.min(), last_as_of=d.as_of.max(),
+                                  last_label_end=d.as_of.max() + pd.Timedelta(days=self.horizon_days))
+                             for k, d in [("train", self.train), ("valid", self.valid), ("test", self.test)]]).set_index("part")
+
+# %% ../nbs/02_propensity.ipynb #fdda02e5
+TRAIN_MONTHS, VALID_MONTH, TEST_MONTH = (1, 8), 9, 10  # months 1-8 fit, month 9 stops early and calibrates, month 10 reports
+
+def temporal_split(ts: pd.DataFrame,  # training-set frame with `as_of` and `label`
+                   train_months: tuple[int, int] = TRAIN_MONTHS,  # first and last training month (1 = first snapshot)
+                   valid_month: int = VALID_MONTH,  # the month that picks epochs, threshold and calibration
+                   test_month: int = TEST_MONTH,  # the month every reported number comes from
+                   horizon_days: int = HORIZON_DAYS,  # label window length
+                  ) -> Split:
+    "Split `ts` by snapshot month so that no label window reaches into a later part."
+    months = np.sort(ts["as_of"].unique())
+    if not (1 <= train_months[0] <= train_months[1] < valid_month < test_month):
+        raise ValueError(f"months must satisfy 1 <= train start <= train end < valid < test, got {train_months}, {valid_month}, {test_month}")
+    if test_month > len(months): raise ValueError(f"test_month={test_month} but the frame has only {len(months)} snapshots")
+    h = pd.Timedelta(days=horizon_days)
+    t_valid, t_test = months[valid_month - 1], months[test_month - 1]
+    train = ts[ts.as_of.isin(months[train_months[0] - 1:train_months[1]]) & (ts.as_of + h <= t_valid)]
+    valid = ts[(ts.as_of == t_valid) & (ts.as_of + h <= t_test)]
+    if train.empty or valid.empty: raise ValueError(f"empty train or validation part: label windows of {horizon_days} days reach the next part")
+    return Split(train.reset_index(drop=True), valid.reset_index(drop=True), ts[ts.as_of == t_test].reset_index(drop=True), horizon_days)
+
+# %% ../nbs/02_propensity.ipynb #34738980
+def check_separation(split: Split) -> dict:
+    "Assert that every label window ends at or before the next part's first snapshot; return the margins."
+    h = pd.Timedelta(days=split.horizon_days)
+    train_end, valid_end = split.train.as_of.max() + h, split.valid.as_of.max() + h
+    assert train_end <= split.valid.as_of.min(), f"a train label window ends {train_end}, after validation starts"
+    assert valid_end <= split.test.as_of.min(), f"a validation label window ends {valid_end}, after test starts"
+    assert not set(split.valid.as_of) & set(split.train.as_of) and not set(split.test.as_of) & set(split.valid.as_of)
+    return dict(train_label_end=train_end, valid_as_of=split.valid.as_of.min(),
+                valid_label_end=valid_end, test_as_of=split.test.as_of.min())
+
+# %% ../nbs/02_propensity.ipynb #b9737d74
 LOG_COLUMNS = ["recency_days", "frequency_30d", "monetary_90d"]  # heavy-tailed: log1p before standardising
+GBDT_MAX_ITER = 300  # boosting rounds at most; early stopping on an internal hold-out usually stops sooner
+
+def baseline_models(seed: int = 0,  # random_state of gradient boosting
+                   ) -> dict:
+    "Unfitted scikit-learn baselines `{name: estimator}`: gradient boosting and logistic regression."
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+    gbdt = HistGradientBoostingClassifier(categorical_features="from_dtype", max_iter=GBDT_MAX_ITER, early_stopping=True, random_state=seed)
+    logs = make_pipeline(FunctionTransformer(np.log1p, feature_names_out="one-to-one"), StandardScaler())
+    logreg = make_pipeline(ColumnTransformer([("log", logs, LOG_COLUMNS),
+                                              ("num", StandardScaler(), [c for c in NUMERIC_COLUMNS if c not in LOG_COLUMNS]),
+                                              ("channel", OneHotEncoder(), ["channel_preference"])]),
+                           LogisticRegression(max_iter=1000))  # iterations enough for lbfgs to converge on six columns
+    return {"gradient boosting": gbdt, "logistic regression": logreg}
+
+# %% ../nbs/02_propensity.ipynb #f6b92071
+def _baseline_frame(df: pd.DataFrame) -> pd.DataFrame:
+    x = check_model_input(df)
+    x["channel_preference"] = pd.Categorical(x.channel_preference, categories=list(CHANNELS))
+    return x
+
+def fit_baselines(split: Split,  # the split the TabTransformer uses too
+                  seed: int = 0,  # random_state of gradient boosting
+                  names: list[str] | None = None,  # which of `baseline_models()`; None = all
+                 ) -> dict:
+    "Baselines fitted on `split.train`: `{name: estimator}` with `predict_proba` on feature frames."
+    x, y = _baseline_frame(split.train), split.train.label.to_numpy()
+    return {k: est.fit(x, y) for k, est in baseline_models(seed).items() if names is None or k in names}
+
+# %% ../nbs/02_propensity.ipynb #1858e021
+def baseline_predict(est,  # a fitted baseline from `fit_baselines`
+                     df: pd.DataFrame,  # feature rows
+                    ) -> np.ndarray:
+    "Probability of the positive class from a fitted baseline."
+    return est.predict_proba(_baseline_frame(df))[:, 1]
+
+# %% ../nbs/02_propensity.ipynb #92eaba1e
+PUBLISHED_LABEL_THRESHOLD = 0.3  # Article 2's `label_threshold`: positive when offer_redemption_rate > 0.3
+
+def published_label(df: pd.DataFrame,  # feature rows (needs `offer_redemption_rate`)
+                    threshold: float = PUBLISHED_LABEL_THRESHOLD,  # Article 2's cut-off
+                   ) -> pd.Series:
+    "Article 2's label: 1 when the *input* `offer_redemption_rate` exceeds `threshold`. It leaks; shown here, never trained on."
+    return (df["offer_redemption_rate"] > threshold).astype(int)
+
+# %% ../nbs/02_propensity.ipynb #3386e7e4
+PUBLISHED_FRACTIONS = (0.70, 0.15, 0.15)  # Article 2: "stratified 70/15/15 split" of rows
+PUBLISHED_SEED = 42  # Article 2's random_state
+
+def random_split(ts: pd.DataFrame,  # training-set frame with `label` and `as_of`
+                 fractions: tuple[float, float, float] = PUBLISHED_FRACTIONS,  # train / valid / test shares
+                 seed: int = PUBLISHED_SEED,  # shuffling seed
+                ) -> Split:
+    "Article 2's split: rows shuffled and cut by `fractions`, stratified by label. Months and customers mix across parts."
+    from sklearn.model_selection import train_test_split
+    rest, test = train_test_split(ts, test_size=fractions[2], stratify=ts.label, random_state=seed)
+    train, valid = train_test_split(rest, test_size=fractions[1] / (1 - fractions[2]), stratify=rest.label, random_state=seed)
+    return Split(train.reset_index(drop=True), valid.reset_index(drop=True), test.reset_index(drop=True))
+
+# %% ../nbs/02_propensity.ipynb #983b0848
+def relabel(split: Split,  # any split
+            label_of,  # frame -> 0/1 labels, e.g. `published_label`
+           ) -> Split:
+    "`split` with every part's `label` replaced by `label_of(part)`."
+    return Split(*(d.assign(label=np.asarray(label_of(d))) for d in (split.train, split.valid, split.test)), split.horizon_days)
+
+# %% ../nbs/02_propensity.ipynb #08c8d293
+def label_split_table(ts: pd.DataFrame,  # the training set from `build_training_set`
+                      model: str = "logistic regression",  # which of `baseline_models()` to fit
+                      seed: int = 0,  # model seed
+                     ) -> pd.DataFrame:
+    "Test ROC-AUC of one model for each label (published / future window) on each split (random rows / temporal)."
+    from sklearn.metrics import roc_auc_score
+    labels = {"published: offer_redemption_rate > 0.3": published_label, "future window: a redeem in [t, t + 30 d)": lambda d: d.label}
+    splits = {"random rows 70/15/15": random_split(ts), "temporal: months 1-8 / 9 / 10": temporal_split(ts)}
+    rows = []
+    for label_name, label_of in labels.items():
+        for split_name, s in splits.items():
+            s = relabel(s, label_of)
+            est = fit_baselines(s, seed, names=[model])[model]
+            rows.append(dict(label=label_name, split=split_name, test_roc_auc=roc_auc_score(s.test.label, baseline_predict(est, s.test))))
+    return pd.DataFrame(rows).pivot(index="label", columns="split", values="test_roc_auc")
+
+# %% ../nbs/02_propensity.ipynb #0e60768a
+N_BINS = 8  # quantile buckets per numeric column (the bucket tokens)
+MIN_STD = 1e-6  # floor on a standard deviation, so that a constant column does not divide by zero
 
 @dataclass
 class Preprocessor:
@@ -134,13 +284,13 @@ class Preprocessor:
 
     @classmethod
     def fit(cls, df: pd.DataFrame,  # training rows
-            n_bins: int = 8):  # quantile buckets per numeric column
+            n_bins: int = N_BINS):  # quantile buckets per numeric column
         "Fit bucket edges and normalisation statistics on `df`."
-        x = validate_features(df)
+        x = check_model_input(df)
         qs = np.linspace(0, 1, n_bins + 1)[1:-1]
         edges = {c: sorted(set(np.quantile(x[c], qs).round(6).tolist())) for c in NUMERIC_COLUMNS}
         z = cls._log(x)
-        return cls(list(CHANNELS), edges, z.mean(0).tolist(), np.maximum(z.std(0), 1e-6).tolist())
+        return cls(list(CHANNELS), edges, z.mean(0).tolist(), np.maximum(z.std(0), MIN_STD).tolist())
 
     @staticmethod
     def _log(x: pd.DataFrame) -> np.ndarray:
@@ -152,8 +302,8 @@ class Preprocessor:
         return [len(self.channels)] + [len(self.edges[c]) + 1 for c in NUMERIC_COLUMNS]
 
     def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        "Validated `df` as int64 ids [n, 1 + 5] and float32 normalised numerics [n, 5]."
-        x = validate_features(df)
+        "Checked `df` as int64 ids [n, 1 + 5] and float32 normalised numerics [n, 5]."
+        x = check_model_input(df)
         chan = x.channel_preference.map({c: i for i, c in enumerate(self.channels)}).to_numpy()
         buckets = [np.searchsorted(self.edges[c], x[c].to_numpy(), side="right") for c in NUMERIC_COLUMNS]
         cat = np.stack([chan, *buckets], 1).astype(np.int64)
@@ -181,7 +331,7 @@ def tab_transformer_class():
             super().__init__()
             self.register_buffer("offsets", torch.tensor(np.cumsum([0, *cardinalities[:-1]]), dtype=torch.long), persistent=False)
             self.embed = nn.Embedding(sum(cardinalities), d_model)
-            self.column = nn.Parameter(torch.randn(len(cardinalities), d_model) * 0.02)
+            self.column = nn.Parameter(torch.randn(len(cardinalities), d_model) * 0.02)  # small init: columns start nearly alike
             layer = nn.TransformerEncoderLayer(d_model, n_heads, d_ff, attn_dropout, batch_first=True)
             self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
             self.num_norm = nn.LayerNorm(n_num)
@@ -195,51 +345,17 @@ def tab_transformer_class():
 
     return TabTransformer
 
-# %% ../nbs/02_propensity.ipynb #a066d2cb
-def expected_calibration_error(y: np.ndarray,  # 0/1 labels
-                               p: np.ndarray,  # predicted probabilities
-                               n_bins: int = 15):  # equal-width probability bins
-    "Sum over bins of (bin share) × |observed rate − mean prediction|."
-    y, p = np.asarray(y, float), np.asarray(p, float)
-    idx = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    n, sy, sp = (np.bincount(idx, w, n_bins) for w in (None, y, p))
-    keep = n > 0
-    return float(np.sum(np.abs(sy[keep] - sp[keep])) / len(y))
-
-def top_decile_lift(y: np.ndarray, p: np.ndarray) -> float:
-    "Positive rate among the 10 % highest-scored rows divided by the overall positive rate."
-    y = np.asarray(y, float)
-    top = np.argsort(-np.asarray(p), kind="stable")[:max(1, len(y) // 10)]
-    return float(y[top].mean() / y.mean())
-
-def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    "The probability threshold with the highest F1 (chosen on validation, used on test)."
-    from sklearn.metrics import precision_recall_curve
-    prec, rec, thr = precision_recall_curve(y, p)
-    f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
-    return float(thr[np.argmax(f1)])
-
-def classification_metrics(y: np.ndarray,  # 0/1 labels
-                           p: np.ndarray,  # predicted probabilities
-                           threshold: float = 0.5,  # operating threshold for precision/recall
-                          ) -> dict:
-    "ROC-AUC, PR-AUC, Brier, ECE, precision/recall at `threshold`, top-decile lift."
-    from sklearn.metrics import average_precision_score, brier_score_loss, precision_score, recall_score, roc_auc_score
-    y, p = np.asarray(y), np.asarray(p)
-    hit = p >= threshold
-    return dict(roc_auc=roc_auc_score(y, p), pr_auc=average_precision_score(y, p), brier=brier_score_loss(y, p),
-                ece=expected_calibration_error(y, p), precision=precision_score(y, hit, zero_division=0),
-                recall=recall_score(y, hit, zero_division=0), lift_top_decile=top_decile_lift(y, p),
-                threshold=float(threshold), positive_rate=float(y.mean()), n=int(len(y)))
-
 # %% ../nbs/02_propensity.ipynb #2f002229
+UNPENALISED_C = 1e6  # LogisticRegression's inverse penalty: large enough that Platt's two numbers are a plain fit
+PROBABILITY_FLOOR = 1e-4  # isotonic probabilities stay in [1e-4, 1 - 1e-4], so log-loss stays finite
+
 @dataclass
 class Calibrator:
-    "Maps logits to calibrated probabilities: Platt (a·logit + b through a sigmoid) or isotonic (a step function)."
+    "Maps scores (logits) to redemption probabilities: Platt (a·score + b through a sigmoid) or isotonic (a step function)."
     method: Literal["platt", "isotonic"] = "platt"  # which map
     a: float = 1.0  # Platt slope
     b: float = 0.0  # Platt intercept
-    x: list[float] = field(default_factory=list)  # isotonic knots (logits)
+    x: list[float] = field(default_factory=list)  # isotonic knots (scores)
     y: list[float] = field(default_factory=list)  # isotonic values (probabilities)
 
     @classmethod
@@ -247,10 +363,10 @@ class Calibrator:
         "Fit the map on validation `logits` and labels `y`."
         if method == "platt":
             from sklearn.linear_model import LogisticRegression
-            lr = LogisticRegression(C=1e6).fit(np.asarray(logits, float)[:, None], y)
+            lr = LogisticRegression(C=UNPENALISED_C).fit(np.asarray(logits, float)[:, None], y)
             return cls("platt", float(lr.coef_[0, 0]), float(lr.intercept_[0]))
         from sklearn.isotonic import IsotonicRegression
-        iso = IsotonicRegression(out_of_bounds="clip", y_min=1e-4, y_max=1 - 1e-4).fit(logits, y)
+        iso = IsotonicRegression(out_of_bounds="clip", y_min=PROBABILITY_FLOOR, y_max=1 - PROBABILITY_FLOOR).fit(logits, y)
         return cls("isotonic", x=iso.X_thresholds_.tolist(), y=iso.y_thresholds_.tolist())
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
@@ -264,49 +380,52 @@ class PropensityModel:
     "Preprocessing + TabTransformer + calibration, with the measured metrics and provenance."
     net: Any  # the TabTransformer (eval mode)
     pre: Preprocessor  # fitted on training rows
-    calibrator: Calibrator  # fitted on validation logits
-    threshold: float  # operating threshold on calibrated probabilities (max F1 on validation)
+    calibrator: Calibrator  # fitted on validation scores
+    threshold: float  # operating threshold on redemption probabilities (max F1 on validation)
     arch: dict  # TabTransformer keyword arguments
     metrics: dict = field(default_factory=dict)  # test-month metrics and provenance, filled by training
     trained_at: str = ""  # ISO time of training (UTC)
     version: int | None = None  # registered MLflow model version, once published
 
     def tensors(self, df: pd.DataFrame):
-        "Validated, preprocessed `df` as torch tensors (cat_ids, numeric): the network's inputs."
+        "Checked, preprocessed `df` as torch tensors (cat_ids, numeric): the network's inputs."
         import torch
         cat, num = self.pre.transform(df)
         return torch.from_numpy(cat), torch.from_numpy(num)
 
     def logits(self, df: pd.DataFrame) -> np.ndarray:
-        "Uncalibrated network logits for the rows of `df`."
+        "Scores: the network's uncalibrated logits for the rows of `df`."
         import torch
         with torch.inference_mode(): return self.net(*self.tensors(df)).numpy().astype(np.float64)
 
     def predict(self, df: pd.DataFrame) -> np.ndarray:
-        "Calibrated probabilities of a redemption in the next 30 days (ValueError naming a bad field)."
+        "Redemption probabilities: calibrated probabilities of a redemption in the next 30 days (ValueError naming a bad field)."
         if len(df) == 0: return np.zeros(0)
         return self.calibrator(self.logits(df))
 
-    def save(self, path: Path) -> Path:
-        "Write `network.pt` and `bundle.json` into folder `path`."
-        import torch
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.net.state_dict(), path / "network.pt")
-        meta = dict(pre=asdict(self.pre), calibrator=asdict(self.calibrator), threshold=self.threshold, arch=self.arch,
-                    metrics=self.metrics, trained_at=self.trained_at, version=self.version)
-        (path / "bundle.json").write_text(json.dumps(meta, indent=1, default=str))
-        return path
+# %% ../nbs/02_propensity.ipynb #308e5c3e
+@patch
+def save(self: PropensityModel, path: Path) -> Path:
+    "Write `network.pt` (a state dict) and `bundle.json` (everything else) into folder `path`."
+    import torch
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    torch.save(self.net.state_dict(), path / "network.pt")
+    meta = dict(pre=asdict(self.pre), calibrator=asdict(self.calibrator), threshold=self.threshold, arch=self.arch,
+                metrics=self.metrics, trained_at=self.trained_at, version=self.version)
+    (path / "bundle.json").write_text(json.dumps(meta, indent=1, default=str))
+    return path
 
-    @classmethod
-    def load(cls, path: Path):
-        "The model saved by `save` in folder `path`."
-        import torch
-        meta = json.loads((Path(path) / "bundle.json").read_text())
-        pre = Preprocessor(**meta["pre"])
-        net = tab_transformer_class()(pre.cardinalities, len(NUMERIC_COLUMNS), **meta["arch"])
-        net.load_state_dict(torch.load(Path(path) / "network.pt", weights_only=True))
-        return cls(net.eval(), pre, Calibrator(**meta["calibrator"]), meta["threshold"], meta["arch"], meta["metrics"],
-                   meta["trained_at"], meta["version"])
+# %% ../nbs/02_propensity.ipynb #2ab9a35d
+@patch(cls_method=True)
+def load(cls: PropensityModel, path: Path) -> PropensityModel:
+    "The model saved by `save` in folder `path`."
+    import torch
+    meta = json.loads((Path(path) / "bundle.json").read_text())
+    pre = Preprocessor(**meta["pre"])
+    net = tab_transformer_class()(pre.cardinalities, len(NUMERIC_COLUMNS), **meta["arch"])
+    net.load_state_dict(torch.load(Path(path) / "network.pt", weights_only=True))
+    return cls(net.eval(), pre, Calibrator(**meta["calibrator"]), meta["threshold"], meta["arch"], meta["metrics"],
+               meta["trained_at"], meta["version"])
 
 # %% ../nbs/02_propensity.ipynb #c50acfc3
 @dataclass
@@ -319,20 +438,20 @@ class TrainConfig:
     hidden: tuple[int, ...] = (64, 32)  # MLP head widths
     dropout: float = 0.1  # dropout in the MLP head
     attn_dropout: float = 0.0  # dropout inside the encoder
-    n_bins: int = 8  # quantile buckets per numeric column
+    n_bins: int = N_BINS  # quantile buckets per numeric column
     lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 1e-4  # AdamW weight decay
     batch_size: int = 2048  # rows per step
     max_epochs: int = 12  # upper bound on epochs
     patience: int = 2  # epochs without validation-AUC gain before stopping
+    min_gain: float = 1e-4  # a validation-AUC gain smaller than this does not count as progress
     calibration: Literal["platt", "isotonic"] = "platt"  # calibration map fitted on validation
     seed: int = 0  # torch / numpy seed
     threads: int = 2  # torch.set_num_threads
 
     @property
     def arch(self) -> dict: return dict(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.d_ff,
-                                        hidden=list(self.hidden), dropout=self.dropout,
-                                        attn_dropout=self.attn_dropout)
+                                        hidden=list(self.hidden), dropout=self.dropout, attn_dropout=self.attn_dropout)
 
 # %% ../nbs/02_propensity.ipynb #831359cd
 def fit_tabtransformer(split: Split,  # temporal split (train fits, valid stops early and calibrates)
@@ -346,8 +465,8 @@ def fit_tabtransformer(split: Split,  # temporal split (train fits, valid stops 
     from tqdm import tqdm
     torch.set_num_threads(cfg.threads); torch.manual_seed(cfg.seed); np.random.seed(cfg.seed)
     pre = Preprocessor.fit(split.train, cfg.n_bins)
-    net = tab_transformer_class()(pre.cardinalities, len(NUMERIC_COLUMNS), **cfg.arch)
-    model = PropensityModel(net, pre, Calibrator(), 0.5, cfg.arch)
+    model = PropensityModel(tab_transformer_class()(pre.cardinalities, len(NUMERIC_COLUMNS), **cfg.arch), pre, Calibrator(), 0.5, cfg.arch)
+    net = model.net
     ds = TensorDataset(*model.tensors(split.train), torch.tensor(split.train.label.to_numpy(), dtype=torch.float32))
     sampler = BatchSampler(RandomSampler(ds, generator=torch.Generator().manual_seed(cfg.seed)), cfg.batch_size, drop_last=False)
     loader = DataLoader(ds, sampler=sampler, batch_size=None, num_workers=0)
@@ -365,7 +484,7 @@ def fit_tabtransformer(split: Split,  # temporal split (train fits, valid stops 
         auc = roc_auc_score(y_valid, v)
         valid_loss = float(loss_fn(torch.from_numpy(v), torch.from_numpy(y_valid.astype(np.float64))))
         history.append(dict(epoch=epoch, train_loss=total / len(ds), valid_loss=valid_loss, valid_auc=auc, seconds=time.perf_counter() - t0))
-        if auc > best + 1e-4: best, stale, best_state = auc, 0, {k: t.clone() for k, t in net.state_dict().items()}
+        if auc > best + cfg.min_gain: best, stale, best_state = auc, 0, {k: t.clone() for k, t in net.state_dict().items()}
         else: stale += 1
         if stale >= cfg.patience: break
     net.load_state_dict(best_state); net.eval()
@@ -375,34 +494,25 @@ def fit_tabtransformer(split: Split,  # temporal split (train fits, valid stops 
     model.trained_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return model, pd.DataFrame(history)
 
-# %% ../nbs/02_propensity.ipynb #b9737d74
-def fit_baselines(split: Split,  # the same split the TabTransformer used
-                  seed: int = 0,  # random_state of gradient boosting
-                 ) -> dict:
-    "Fitted scikit-learn baselines `{name: estimator}` taking feature frames and returning probabilities with `predict_proba`."
-    from sklearn.compose import ColumnTransformer
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
-    x, y = _baseline_frame(split.train), split.train.label.to_numpy()
-    gbdt = HistGradientBoostingClassifier(categorical_features="from_dtype", max_iter=300, learning_rate=0.1,
-                                          early_stopping=True, random_state=seed)
-    logs = make_pipeline(FunctionTransformer(np.log1p, feature_names_out="one-to-one"), StandardScaler())
-    logreg = make_pipeline(ColumnTransformer([("log", logs, LOG_COLUMNS),
-                                              ("num", StandardScaler(), [c for c in NUMERIC_COLUMNS if c not in LOG_COLUMNS]),
-                                              ("channel", OneHotEncoder(), ["channel_preference"])]),
-                           LogisticRegression(max_iter=1000))
-    return {"gradient boosting": gbdt.fit(x, y), "logistic regression": logreg.fit(x, y)}
+# %% ../nbs/02_propensity.ipynb #e4cde3aa
+def spend_tier(monetary_90d: pd.Series) -> pd.Series:
+    "Tertile of 90-day spend within the given rows: low / mid / high."
+    return pd.qcut(monetary_90d.rank(method="first"), 3, labels=["low", "mid", "high"]).astype(str)
 
-def _baseline_frame(df: pd.DataFrame) -> pd.DataFrame:
-    x = validate_features(df)
-    x["channel_preference"] = pd.Categorical(x.channel_preference, categories=list(CHANNELS))
-    return x
-
-def baseline_predict(est, df: pd.DataFrame) -> np.ndarray:
-    "Probability of the positive class from a fitted baseline."
-    return est.predict_proba(_baseline_frame(df))[:, 1]
+# %% ../nbs/02_propensity.ipynb #f3d7596d
+def segment_metrics(df: pd.DataFrame,  # test rows with `label`, `channel_preference`, `monetary_90d`
+                    p: np.ndarray,  # redemption probabilities for those rows
+                   ) -> pd.DataFrame:
+    "ROC-AUC, ECE, positive rate and mean prediction by channel and by spend tier."
+    from sklearn.metrics import roc_auc_score
+    d = df.assign(p=p, spend_tier=spend_tier(df.monetary_90d))
+    rows = []
+    for by in ["channel_preference", "spend_tier"]:
+        for k, g in d.groupby(by):
+            rows.append(dict(segment=by.replace("_preference", ""), value=k, n=len(g), positive_rate=g.label.mean(),
+                             mean_prediction=g.p.mean(), roc_auc=roc_auc_score(g.label, g.p) if g.label.nunique() > 1 else np.nan,
+                             ece=expected_calibration_error(g.label, g.p)))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/02_propensity.ipynb #4b259162
 @dataclass
@@ -416,33 +526,17 @@ class Report:
     y_test: np.ndarray  # test labels (for plots)
     p_test: dict  # test probabilities per model (for plots)
 
-def spend_tier(monetary_90d: pd.Series) -> pd.Series:
-    "Tertile of 90-day spend within the given rows: low / mid / high."
-    return pd.qcut(monetary_90d.rank(method="first"), 3, labels=["low", "mid", "high"]).astype(str)
-
-def segment_metrics(df: pd.DataFrame, p: np.ndarray) -> pd.DataFrame:
-    "ROC-AUC, ECE, positive rate and mean prediction by channel and by spend tier."
-    from sklearn.metrics import roc_auc_score
-    d = df.assign(p=p, spend_tier=spend_tier(df.monetary_90d))
-    rows = []
-    for by in ["channel_preference", "spend_tier"]:
-        for k, g in d.groupby(by):
-            rows.append(dict(segment=by.replace("_preference", ""), value=k, n=len(g), positive_rate=g.label.mean(),
-                             mean_prediction=g.p.mean(), roc_auc=roc_auc_score(g.label, g.p) if g.label.nunique() > 1 else np.nan,
-                             ece=expected_calibration_error(g.label, g.p)))
-    return pd.DataFrame(rows)
-
-def train_propensity(split: Split,  # temporal split
-                     cfg: TrainConfig = TrainConfig(),  # TabTransformer hyper-parameters
-                     progress: bool = True,  # tqdm bars
-                    ) -> tuple[PropensityModel, Report]:
-    "Train the TabTransformer and both baselines on `split`; measure all of them on the test month."
-    seconds = {}
-    t = time.perf_counter(); model, history = fit_tabtransformer(split, cfg, progress); seconds["tabtransformer"] = time.perf_counter() - t
-    t = time.perf_counter(); baselines = fit_baselines(split, cfg.seed); seconds["baselines"] = time.perf_counter() - t
+# %% ../nbs/02_propensity.ipynb #6951b914
+def measure_on_test_month(split: Split,  # the split every model was trained on
+                          model: PropensityModel,  # the trained TabTransformer (its `metrics` are filled here)
+                          history: pd.DataFrame,  # its per-epoch history
+                          baselines: dict,  # `fit_baselines(split)`
+                          seconds: dict,  # wall time per stage
+                         ) -> Report:
+    "Measure the TabTransformer (scores and calibrated) and the baselines on the test month."
     y_valid, y = split.valid.label.to_numpy(), split.test.label.to_numpy()
-    test_logits = model.logits(split.test)
-    p = {"TabTransformer (calibrated)": model.calibrator(test_logits), "TabTransformer (raw)": 1 / (1 + np.exp(-test_logits))}
+    scores = model.logits(split.test)
+    p = {"TabTransformer (calibrated)": model.calibrator(scores), "TabTransformer (raw)": 1 / (1 + np.exp(-scores))}
     thr = {"TabTransformer (calibrated)": model.threshold, "TabTransformer (raw)": 0.5}
     for name, est in baselines.items():
         p[name], thr[name] = baseline_predict(est, split.test), best_threshold(y_valid, baseline_predict(est, split.valid))
@@ -453,13 +547,25 @@ def train_propensity(split: Split,  # temporal split
                          best_valid_auc=float(history.valid_auc.max()), train_seconds=seconds["tabtransformer"],
                          train_rows=len(split.train), valid_rows=len(split.valid), test_rows=len(split.test),
                          split={k: str(v) for k, v in check_separation(split).items()})
-    return model, Report(metrics, history, segment_metrics(split.test, p["TabTransformer (calibrated)"]), split.summary(),
-                         seconds, y, p)
+    return Report(metrics, history, segment_metrics(split.test, p["TabTransformer (calibrated)"]), split.summary(), seconds, y, p)
+
+# %% ../nbs/02_propensity.ipynb #3f6ec6c5
+def train_propensity(split: Split,  # temporal split
+                     cfg: TrainConfig = TrainConfig(),  # TabTransformer hyper-parameters
+                     progress: bool = True,  # tqdm bars
+                    ) -> tuple[PropensityModel, Report]:
+    "Train the TabTransformer and both baselines on `split`; measure all of them on the test month."
+    seconds = {}
+    t = time.perf_counter(); model, history = fit_tabtransformer(split, cfg, progress); seconds["tabtransformer"] = time.perf_counter() - t
+    t = time.perf_counter(); baselines = fit_baselines(split, cfg.seed); seconds["baselines"] = time.perf_counter() - t
+    return model, measure_on_test_month(split, model, history, baselines, seconds)
 
 # %% ../nbs/02_propensity.ipynb #b7c339eb
+MIN_BIN_ROWS = 20  # bins with fewer rows are not plotted: their observed rate is noise
+
 def reliability_plot(y: np.ndarray,  # 0/1 test labels
                      probs: dict,  # {model name: predicted probabilities}
-                     n_bins: int = 15,  # equal-width bins
+                     n_bins: int = ECE_BINS,  # equal-width bins
                      title: str = "Reliability on the test month"):
     "A matplotlib figure: observed rate vs. mean prediction per bin for each model, with a histogram of predictions."
     import matplotlib.pyplot as plt
@@ -468,39 +574,50 @@ def reliability_plot(y: np.ndarray,  # 0/1 test labels
     for name, p in probs.items():
         idx = np.minimum((np.asarray(p) * n_bins).astype(int), n_bins - 1)
         df = pd.DataFrame(dict(b=idx, y=y, p=p)).groupby("b").agg(y=("y", "mean"), p=("p", "mean"), n=("y", "size"))
-        df = df[df.n >= 20]
+        df = df[df.n >= MIN_BIN_ROWS]
         ax.plot(df.p, df.y, marker="o", ms=4, label=f"{name} (ECE {expected_calibration_error(y, p):.3f})")
         hx.hist(p, bins=n_bins, range=(0, 1), histtype="step", label=name)
     ax.set(ylabel="observed redemption rate", title=title, xlim=(0, 1), ylim=(0, 1)); ax.legend(fontsize=7)
     hx.set(xlabel="predicted probability", ylabel="rows"); fig.tight_layout()
     return fig
 
-# %% ../nbs/02_propensity.ipynb #ff003c15
+# %% ../nbs/02_propensity.ipynb #c73826bc
 def _md_table(df: pd.DataFrame, digits: int = 4) -> str:
+    "A Markdown table of `df` (index included), floats rounded to `digits`."
     df = df.reset_index()
     fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
     return "\n".join(["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
                      + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)])
 
+# %% ../nbs/02_propensity.ipynb #4e3d24f1
+def auc_verdict(metrics: pd.DataFrame,  # `Report.metrics`: one row per model
+                ours: str = "TabTransformer (calibrated)",  # the model the card is about
+                baseline: str = "gradient boosting",  # the model it is compared with
+               ) -> str:
+    "One sentence, from the numbers, saying whether `ours` ranks above, below or level with `baseline` on ROC-AUC."
+    a, b = float(metrics.loc[ours, "roc_auc"]), float(metrics.loc[baseline, "roc_auc"])
+    if a == b: return f"{ours} and {baseline} rank equally well (ROC-AUC {a:.4f})."
+    winner, loser, hi, lo = (ours, baseline, a, b) if a > b else (baseline, ours, b, a)
+    return f"{winner} ranks better than {loser}: ROC-AUC {hi:.4f} vs {lo:.4f} ({hi - lo:+.4f})."
+
+# %% ../nbs/02_propensity.ipynb #ff003c15
 def model_card(model: PropensityModel, report: Report) -> str:
     "A Markdown model card generated from `model` and the `report` of the run that trained it."
     m, tt = report.metrics, report.metrics.loc["TabTransformer (calibrated)"]
-    gb = m.loc["gradient boosting"]
     cols = ["roc_auc", "pr_auc", "brier", "ece", "precision", "recall", "lift_top_decile", "threshold"]
-    s = report.split
     return f"""# Model card: {MODEL_NAME}{f' v{model.version}' if model.version else ''}
 
-Trained {model.trained_at}. TabTransformer ({model.arch['n_layers']} encoder layer(s), d_model {model.arch['d_model']}, {model.arch['n_heads']} heads) on six point-in-time RFM features; calibration: {model.calibrator.method} on validation logits.
+Trained {model.trained_at}. TabTransformer ({model.arch['n_layers']} encoder layer(s), d_model {model.arch['d_model']}, {model.arch['n_heads']} heads) on six point-in-time RFM features; calibration: {model.calibrator.method} on validation scores.
 
 ## Data and split
-Rows are (customer, monthly snapshot) pairs from the LoyaltyLens feature store; features use only events before the snapshot time t, the label is a `redeem` event in [t, t + {HORIZON_DAYS} days). The split is temporal and every label window ends before the next part begins.
+Rows are (customer, monthly snapshot) pairs from the LoyaltyLens feature store; features use only events before the snapshot time t, the redemption label is a `redeem` event in [t, t + {HORIZON_DAYS} days). The split is temporal and every label window ends before the next part begins.
 
-{_md_table(s[["rows", "positives", "positive_rate", "first_as_of", "last_as_of", "last_label_end"]])}
+{_md_table(report.split[["rows", "positives", "positive_rate", "first_as_of", "last_as_of", "last_label_end"]])}
 
 ## Test-month metrics beside the baselines
 {_md_table(m[cols])}
 
-TabTransformer ROC-AUC is {tt.roc_auc:.4f}, {gb.roc_auc - tt.roc_auc:+.4f} below gradient boosting ({gb.roc_auc:.4f}). Training took {report.seconds['tabtransformer']:.1f} s ({model.metrics['epochs']} epochs, best {model.metrics['best_epoch']}).
+{auc_verdict(m)} Training took {report.seconds['tabtransformer']:.1f} s ({model.metrics['epochs']} epochs, best {model.metrics['best_epoch']}).
 
 ## Calibration
 Expected calibration error on the test month: {tt.ece:.4f} calibrated vs. {m.loc['TabTransformer (raw)'].ece:.4f} raw. Operating threshold {model.threshold:.3f} (max F1 on validation): precision {tt.precision:.3f}, recall {tt.recall:.3f}. Top-decile lift {tt.lift_top_decile:.2f}.
@@ -509,60 +626,91 @@ Expected calibration error on the test month: {tt.ece:.4f} calibrated vs. {m.loc
 {_md_table(report.segments.set_index(['segment', 'value']))}
 
 ## Intended use
-Ranking and sizing loyalty-offer campaigns: the probability that a customer redeems *some* offer in the next 30 days, as an input to offer retrieval (notebook 03). Scores are calibrated, so they can be summed into expected redemptions.
+Ranking and sizing loyalty-offer campaigns: the redemption probability that a customer redeems *some* offer in the next {HORIZON_DAYS} days, as an input to offer retrieval (notebook 03). The probabilities are calibrated, so their sum over a group estimates its expected redeeming customers (customers who redeem at least once), not the number of redemptions.
 
 ## Limitations
-- Trained on a synthetic world; the numbers say how well the model recovers that world's latent propensity, not how it would do on real customers.
+- Trained on a synthetic world; the numbers say how well the model recovers that world's latent redemption trait, not how it would do on real customers.
 - Not offer-specific: it scores the customer, not a (customer, offer) pair.
-- Calibration was fitted on one month; a shift in the base rate (seasonality, a new campaign) needs recalibration — watch the drift monitor (notebook 05).
+- Calibration was fitted on one month; a shift in the base rate (seasonality, a new campaign) needs recalibration: watch the drift monitor (notebook 05).
 - Customers with no history before the snapshot have no features and get no score.
 """
 
+# %% ../nbs/02_propensity.ipynb #81ca3a59
+def model_signature():
+    "The pyfunc contract: the six features in (counts as long integers), one redemption probability per row out."
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+    kind = lambda c: "string" if c == "channel_preference" else "long" if c in COUNT_COLUMNS else "double"
+    inputs = Schema([ColSpec(kind(c), c) for c in FEATURE_COLUMNS])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float64"), (-1,))]))
+
+# %% ../nbs/02_propensity.ipynb #04b086b8
+def model_input_example() -> pd.DataFrame:
+    "Two feature rows logged with the model: a recent, engaged mobile customer and a lapsed in-store one."
+    return pd.DataFrame([dict(recency_days=3, frequency_30d=2, monetary_90d=40.0, offer_redemption_rate=0.5,
+                              channel_preference="mobile", engagement_score=0.5),
+                         dict(recency_days=60, frequency_30d=0, monetary_90d=0.0, offer_redemption_rate=0.0,
+                              channel_preference="in_store", engagement_score=0.05)])
+
 # %% ../nbs/02_propensity.ipynb #ebbc57fd
-def _pyfunc_model():
-    "An `mlflow.pyfunc.PythonModel` that loads the bundle artefact and returns calibrated probabilities."
-    import mlflow.pyfunc
+_PYFUNC_CODE = """# The MLflow pyfunc wrapper of the LoyaltyLens propensity model, logged as code (nothing pickled).
+import mlflow, numpy as np, pandas as pd
+from loyaltylens.propensity import PropensityModel
 
-    class PropensityPyFunc(mlflow.pyfunc.PythonModel):
-        def load_context(self, context):
-            from loyaltylens.propensity import PropensityModel  # by name: the pickled class must not capture a notebook's globals
-            self.model = PropensityModel.load(context.artifacts["bundle"])
-        def predict(self, context, model_input, params=None): return self.model.predict(model_input)
+class PropensityPyFunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context): self.model = PropensityModel.load(context.artifacts["bundle"])
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray: return self.model.predict(model_input)
 
-    return PropensityPyFunc()
+mlflow.models.set_model(PropensityPyFunc())
+"""
+PIP_REQUIREMENTS = ["loyaltylens", "torch", "scikit-learn", "pandas", "numpy"]  # what a serving environment installs
 
+def _log_pyfunc_model(bundle: Path,  # folder written by `PropensityModel.save`
+                      folder: Path,  # scratch folder for the wrapper's code file
+                     ):
+    "Log and register the bundle as an `mlflow.pyfunc` model, from code, with signature and input example (inside a run)."
+    import mlflow
+    code_path = Path(folder) / "propensity_pyfunc.py"
+    code_path.write_text(_PYFUNC_CODE)
+    return mlflow.pyfunc.log_model(name="model", python_model=str(code_path), artifacts={"bundle": str(bundle)},
+                                   registered_model_name=MODEL_NAME, signature=model_signature(),
+                                   input_example=model_input_example(), pip_requirements=PIP_REQUIREMENTS)
+
+def _log_report(report: Report, cfg: TrainConfig, folder: Path):
+    "Log parameters, per-epoch and test metrics, the reliability plot and the segment table into the active run."
+    import matplotlib.pyplot as plt, mlflow
+    mlflow.log_params({**asdict(cfg), **{f"rows_{k}": int(v) for k, v in report.split.rows.items()}})
+    for h in report.history.to_dict("records"):
+        mlflow.log_metrics({k: float(h[k]) for k in ["train_loss", "valid_loss", "valid_auc"]}, step=int(h["epoch"]))
+    for name, row in report.metrics.iterrows():
+        key = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+        mlflow.log_metrics({f"test_{key}_{k}": float(row[k]) for k in ["roc_auc", "pr_auc", "brier", "ece", "lift_top_decile"]})
+    mlflow.log_metric("train_seconds", report.seconds["tabtransformer"])
+    fig = reliability_plot(report.y_test, report.p_test)
+    fig.savefig(Path(folder) / "reliability.png", dpi=110); plt.close(fig)  # saved, not shown again
+    report.segments.to_csv(Path(folder) / "segments.csv", index=False)
+    for f in ["reliability.png", "segments.csv"]: mlflow.log_artifact(Path(folder) / f)
+
+# %% ../nbs/02_propensity.ipynb #8b8f521b
 def publish(model: PropensityModel,  # trained model (its `version` is set here)
             report: Report,  # the run's measurements
             cfg: TrainConfig = TrainConfig(),  # hyper-parameters to log
             tags: dict | None = None,  # extra run tags (e.g. smoke)
            ) -> int:
     "Log `model` and `report` to MLflow, register a new version of `loyaltylens-propensity`, return the version."
-    import matplotlib.pyplot as plt, mlflow
-    from mlflow.models import infer_signature
+    import mlflow
     mlflow_experiment(EXPERIMENT)
     with tempfile.TemporaryDirectory() as tmp, workspace_lock("mlflow"), mlflow.start_run(tags=tags or {}) as run:
         tmp = Path(tmp)
-        mlflow.log_params({**asdict(cfg), **{f"rows_{k}": int(v) for k, v in report.split.rows.items()}})
-        for h in report.history.to_dict("records"):
-            mlflow.log_metrics({k: float(h[k]) for k in ["train_loss", "valid_loss", "valid_auc"]}, step=int(h["epoch"]))
-        for name, row in report.metrics.iterrows():
-            key = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
-            mlflow.log_metrics({f"test_{key}_{k}": float(row[k]) for k in ["roc_auc", "pr_auc", "brier", "ece", "lift_top_decile"]})
-        mlflow.log_metric("train_seconds", report.seconds["tabtransformer"])
-        fig = reliability_plot(report.y_test, report.p_test)
-        fig.savefig(tmp / "reliability.png", dpi=110); plt.close(fig)  # saved, not shown again
-        report.segments.to_csv(tmp / "segments.csv", index=False)
-        model.save(tmp / "bundle")
-        for f in ["reliability.png", "segments.csv", "bundle/network.pt", "bundle/bundle.json"]: mlflow.log_artifact(tmp / f)
-        sample = pd.DataFrame([dict(zip(FEATURE_COLUMNS, [3, 2, 40.0, 0.5, "mobile", 0.5]))])
-        info = mlflow.pyfunc.log_model(name="model", python_model=_pyfunc_model(), artifacts={"bundle": str(tmp / "bundle")},
-                                       registered_model_name=MODEL_NAME, signature=infer_signature(sample, np.array([0.5])),
-                                       pip_requirements=["loyaltylens", "torch", "scikit-learn", "pandas", "numpy"])
-        model.version = int(info.registered_model_version)
+        _log_report(report, cfg, tmp)
+        bundle = model.save(tmp / "bundle")
+        for f in ["network.pt", "bundle.json"]: mlflow.log_artifact(bundle / f)
+        model.version = int(_log_pyfunc_model(bundle, tmp).registered_model_version)
         mlflow.log_text(model_card(model, report), "model_card.md")
         model.metrics["run_id"] = run.info.run_id
     return model.version
 
+# %% ../nbs/02_propensity.ipynb #c509effd
 def load_registered(version: int | str | None = None):
     "The registered pyfunc model `models:/loyaltylens-propensity/<version>` (latest when None)."
     import mlflow
@@ -571,81 +719,106 @@ def load_registered(version: int | str | None = None):
 
 # %% ../nbs/02_propensity.ipynb #363a5976
 def _default_dir(smoke: bool) -> Path: return workspace("models") / ("propensity-smoke" if smoke else "propensity")
+def _default_lock(smoke: bool) -> str: return f"propensity-{'smoke' if smoke else 'full'}"
 
+def _swap_in(model: PropensityModel, path: Path) -> Path:
+    "Save `model` into a temporary folder beside `path`, then rename it to `path`. The caller holds the workspace lock."
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-new-", dir=path.parent))
+    old = path.with_name(f".{path.name}-old-{os.getpid()}")
+    try:
+        model.save(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists(): path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally: shutil.rmtree(tmp, ignore_errors=True)  # still there only when saving failed
+    return path
+
+# %% ../nbs/02_propensity.ipynb #f7ee3731
 def save_default(model: PropensityModel, smoke: bool = False) -> Path:
-    "Install `model` as the default model of this size (atomically, under the workspace lock)."
-    with workspace_lock(f"propensity-{'smoke' if smoke else 'full'}"):
-        path = _default_dir(smoke); tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True); model.save(tmp)
-        shutil.rmtree(path, ignore_errors=True); tmp.rename(path)
+    "Install `model` as the default model of this size (written aside, renamed into place, under the workspace lock)."
+    with workspace_lock(_default_lock(smoke)): path = _swap_in(model, _default_dir(smoke))
     _DEFAULT.pop(smoke, None)
     return path
 
-_DEFAULT: dict[bool, PropensityModel] = {}
+_DEFAULT: dict[bool, PropensityModel] = {}  # the default models loaded in this process, by size
 
+# %% ../nbs/02_propensity.ipynb #e9a45fb8
 def default_model(smoke: bool = False,  # the small SMOKE world (fast) instead of the default 50,000-customer one
                   train_if_missing: bool = True,  # False: raise FileNotFoundError instead of training
                  ) -> PropensityModel:
-    "The trained default propensity model: loaded from the workspace, or trained, registered and saved once."
+    "The trained default propensity model: loaded from the workspace, or trained, registered and installed once."
     if smoke in _DEFAULT: return _DEFAULT[smoke]
-    with workspace_lock(f"propensity-{'smoke' if smoke else 'full'}"):
+    with workspace_lock(_default_lock(smoke)):
         path = _default_dir(smoke)
         if not (path / "bundle.json").exists():
             if not train_if_missing: raise FileNotFoundError(f"no trained propensity model at {path}: run `loyaltylens model train`")
             from loyaltylens.features import default_store, default_world
             split = temporal_split(build_training_set(default_store(smoke), default_world(smoke)))
-            cfg = TrainConfig(max_epochs=3 if smoke else TrainConfig.max_epochs)
+            cfg = TrainConfig(max_epochs=SMOKE_EPOCHS if smoke else TrainConfig.max_epochs)
             model, report = train_propensity(split, cfg, progress=False)
             publish(model, report, cfg, tags={"smoke": str(smoke)})
-            model.save(path)
-    _DEFAULT[smoke] = PropensityModel.load(path)
+            _swap_in(model, path)
+        _DEFAULT[smoke] = PropensityModel.load(path)
     return _DEFAULT[smoke]
 
 def _smoke_default() -> bool:
-    "Whether callers that do not say (predict, the router) get the SMOKE model: under nbdev-test or LOYALTYLENS_SMOKE."
+    "Whether callers that do not say (predict, the router, the demo) get the SMOKE model: LOYALTYLENS_SMOKE or nbdev-test."
     return get_settings().smoke_mode
 
 # %% ../nbs/02_propensity.ipynb #49388a6c
+EXAMPLE_BATCH = 8  # rows in the example input used to trace and export (the batch dimension stays dynamic)
+AGREEMENT_TOLERANCE = 1e-5  # largest |score difference| between runtimes that counts as the same function
+
+def _example_inputs(model: PropensityModel):
+    import torch
+    return (torch.zeros(EXAMPLE_BATCH, len(model.pre.cardinalities), dtype=torch.long), torch.zeros(EXAMPLE_BATCH, len(NUMERIC_COLUMNS)))
+
 def export_torchscript(model: PropensityModel, path: Path) -> Path:
     "Trace the network on preprocessed tensors and save it as TorchScript at `path`."
     import torch
-    example = (torch.zeros(8, len(model.pre.cardinalities), dtype=torch.long), torch.zeros(8, len(NUMERIC_COLUMNS)))
-    with torch.no_grad(): traced = torch.jit.trace(model.net.eval(), example, check_trace=False)
+    with torch.no_grad(): traced = torch.jit.trace(model.net.eval(), _example_inputs(model), check_trace=False)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     traced.save(str(path))
     return path
 
+# %% ../nbs/02_propensity.ipynb #ef9e93ad
 def export_onnx(model: PropensityModel, path: Path) -> Path:
     "Export the network on preprocessed tensors to ONNX at `path`, with a dynamic batch dimension."
-    import torch, warnings
-    example = (torch.zeros(8, len(model.pre.cardinalities), dtype=torch.long), torch.zeros(8, len(NUMERIC_COLUMNS)))
+    import contextlib, io, torch, warnings
     batch = torch.export.Dim("batch", min=1)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.net.eval(), example, str(path), input_names=["cat_ids", "numeric"], output_names=["logit"],
+        torch.onnx.export(model.net.eval(), _example_inputs(model), str(path), input_names=["cat_ids", "numeric"], output_names=["logit"],
                           dynamic_shapes=({0: batch}, {0: batch}), dynamo=True, external_data=False, verbose=False)
     return path
 
-def runtimes(model: PropensityModel, folder: Path) -> dict:
-    "`{name: f(cat_ids, numeric) -> logits}` for PyTorch, TorchScript and ONNX Runtime (exports written into `folder`)."
+# %% ../nbs/02_propensity.ipynb #b3b09481
+def runtimes(model: PropensityModel,  # the model whose network is run
+             folder: Path,  # where the TorchScript and ONNX files are (or are written)
+             export: bool = True,  # write fresh exports first; False: load the files already in `folder`
+            ) -> dict:
+    "`{name: f(cat_ids, numeric) -> scores}` for PyTorch, TorchScript and ONNX Runtime."
     import onnxruntime as ort, torch
-    ts = torch.jit.load(str(export_torchscript(model, Path(folder) / "propensity.ts.pt")))
+    ts_path, onnx_path = Path(folder) / "propensity.ts.pt", Path(folder) / "propensity.onnx"
+    if export: export_torchscript(model, ts_path); export_onnx(model, onnx_path)
+    scripted = torch.jit.load(str(ts_path))
     opts = ort.SessionOptions(); opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(export_onnx(model, Path(folder) / "propensity.onnx")), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     def torch_fn(net):
         def run(cat, num):
             with torch.inference_mode(): return net(torch.from_numpy(cat), torch.from_numpy(num)).numpy()
         return run
-    return {"PyTorch": torch_fn(model.net), "TorchScript": torch_fn(ts),
+    return {"PyTorch": torch_fn(model.net), "TorchScript": torch_fn(scripted),
             "ONNX Runtime": lambda cat, num: sess.run(None, {"cat_ids": cat, "numeric": num})[0]}
 
 # %% ../nbs/02_propensity.ipynb #a9afdd36
 def predict(features_df: pd.DataFrame,  # rows with the six FEATURE_COLUMNS
             model: PropensityModel | None = None,  # default: `default_model()` (SMOKE under nbdev-test / LOYALTYLENS_SMOKE)
            ) -> np.ndarray:
-    "Calibrated probabilities of a redemption in the next 30 days; ValueError naming the field for bad input."
-    validate_features(features_df)
+    "Redemption probabilities (calibrated, next 30 days); ValueError naming the field for bad input."
+    check_model_input(features_df)
     return (model or default_model(_smoke_default())).predict(features_df)
 
 # %% ../nbs/02_propensity.ipynb #aeb2d7fb
@@ -667,9 +840,11 @@ class FeatureRow(BaseModel):
         if not isinstance(data, dict): return data
         return {k: str(v) if isinstance(v, float) and not np.isfinite(v) else v for k, v in data.items()}
 
+MAX_BATCH_ROWS = 100_000  # rows per request
+
 class PredictRequest(BaseModel):
     "A batch of rows; a bare row is accepted and wrapped."
-    rows: list[FeatureRow] = Field(min_length=1, max_length=100_000)
+    rows: list[FeatureRow] = Field(min_length=1, max_length=MAX_BATCH_ROWS)
 
     @model_validator(mode="before")
     @classmethod
@@ -677,11 +852,12 @@ class PredictRequest(BaseModel):
         return {"rows": [data]} if isinstance(data, dict) and "rows" not in data else data
 
 class PredictResponse(BaseModel):
-    "Calibrated probabilities, in request order, and the model version that produced them."
+    "Redemption probabilities, in request order, and the model version that produced them."
     version: int | None
     probabilities: list[float]
     customer_ids: list[str | None]
 
+# %% ../nbs/02_propensity.ipynb #1dfdae95
 router = APIRouter(prefix="/propensity", tags=["propensity"])
 
 def current_model() -> PropensityModel:
@@ -690,7 +866,7 @@ def current_model() -> PropensityModel:
 
 @router.post("/predict", response_model=PredictResponse)
 def predict_endpoint(req: PredictRequest, model: PropensityModel = Depends(current_model)) -> PredictResponse:
-    "Calibrated redemption probabilities for one row or a batch."
+    "Redemption probabilities for one row or a batch."
     df = pd.DataFrame([r.model_dump() for r in req.rows])
     try: p = model.predict(df)
     except ValueError as e: raise HTTPException(422, str(e))
@@ -729,26 +905,26 @@ def info_cmd(smoke: bool = typer.Option(False, help="the SMOKE model")):
     except FileNotFoundError as e: typer.echo(str(e), err=True); raise typer.Exit(1)
     typer.echo(f"{MODEL_NAME} v{m.version}, trained {m.trained_at}, threshold {m.threshold:.3f}\n{_metrics_table(m.metrics['test'])}")
 
+# %% ../nbs/02_propensity.ipynb #9757c0a4
 @model_app.command("export")
 def export_cmd(out: Path = typer.Option(None, help="output folder (default: workspace/models/propensity-export)"),
                smoke: bool = typer.Option(False, help="the SMOKE model")):
     "Write TorchScript and ONNX files of the default model and check they agree with PyTorch within 1e-5."
     m = default_model(smoke)
     out = out or workspace("models", "propensity-export")
-    import contextlib, io
-    with contextlib.redirect_stdout(io.StringIO()): rts = runtimes(m, out)
+    rts = runtimes(m, out)
     rng = np.random.default_rng(0)
     cat = np.stack([rng.integers(0, c, 1000) for c in m.pre.cardinalities], 1).astype(np.int64)
     num = rng.normal(size=(1000, len(NUMERIC_COLUMNS))).astype(np.float32)
     ref = rts["PyTorch"](cat, num)
     diffs = {k: float(np.abs(f(cat, num) - ref).max()) for k, f in rts.items()}
-    typer.echo("\n".join([f"{p}" for p in sorted(out.iterdir())] + [f"max |logit - PyTorch| {k}: {v:.2e}" for k, v in diffs.items()]))
-    if max(diffs.values()) > 1e-5: raise typer.Exit(1)
+    typer.echo("\n".join([f"{p}" for p in sorted(out.iterdir())] + [f"max |score - PyTorch| {k}: {v:.2e}" for k, v in diffs.items()]))
+    if max(diffs.values()) > AGREEMENT_TOLERANCE: raise typer.Exit(1)
 
 @model_app.command("predict")
 def predict_cmd(path: Path = typer.Argument(..., help="CSV, JSON (list of rows) or JSON-lines file of feature rows"),
                 smoke: bool = typer.Option(False, help="use the SMOKE model")):
-    "Print calibrated probabilities (CSV: customer_id,probability) for the rows in `path`."
+    "Print redemption probabilities (CSV: customer_id,probability) for the rows in `path`."
     if not path.exists(): raise BadInput(f"no such file: {path}")
     try: df = pd.read_csv(path) if path.suffix == ".csv" else pd.read_json(path, lines=path.suffix == ".jsonl")
     except ValueError as e: raise BadInput(f"cannot read {path}: {e}")
@@ -757,7 +933,9 @@ def predict_cmd(path: Path = typer.Argument(..., help="CSV, JSON (list of rows) 
     ids = df["customer_id"] if "customer_id" in df else pd.Series(range(len(df)))
     typer.echo(pd.DataFrame(dict(customer_id=ids, probability=p.round(6))).to_csv(index=False).strip())
 
-# %% ../nbs/02_propensity.ipynb #0c5e3626
+# %% ../nbs/02_propensity.ipynb #0c5e3626b
+BENCH_ROWS = 10_000  # rows in the batch-latency measurement
+
 def _median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
     samples = []
@@ -765,39 +943,40 @@ def _median_ms(fn, repeats: int) -> float:
         t = time.perf_counter(); fn(); samples.append((time.perf_counter() - t) * 1000)
     return latency_summary(samples)["p50"]
 
-def benchmark(rts: dict,  # `runtimes(...)`: {name: f(cat_ids, numeric) -> logits}
-              cat: np.ndarray,  # preprocessed categorical ids, >= 10,000 rows (the first one is the single row)
+def benchmark(rts: dict,  # `runtimes(...)`: {name: f(cat_ids, numeric) -> scores}
+              cat: np.ndarray,  # preprocessed categorical ids, >= BENCH_ROWS rows (the first one is the single row)
               num: np.ndarray,  # preprocessed numerics, same rows
               repeats: int = 300,  # single-row calls per runtime
-              batch_repeats: int = 10,  # 10,000-row calls per runtime
+              batch_repeats: int = 10,  # BENCH_ROWS-row calls per runtime
              ) -> pd.DataFrame:
-    "Median single-row and 10,000-row latency (ms) per runtime, and ratios vs. PyTorch, measured in one run."
-    cat, num = cat[:10_000], num[:10_000]
+    "Median single-row and batch latency (ms) per runtime, ratios vs. PyTorch, and each runtime's largest score gap to PyTorch."
+    cat, num = cat[:BENCH_ROWS], num[:BENCH_ROWS]
+    ref = rts["PyTorch"](cat, num)
     res = pd.DataFrame([dict(runtime=k, single_row_p50_ms=_median_ms(lambda: f(cat[:1], num[:1]), repeats),
-                             batch_10k_p50_ms=_median_ms(lambda: f(cat, num), batch_repeats)) for k, f in rts.items()]).set_index("runtime")
+                             batch_10k_p50_ms=_median_ms(lambda: f(cat, num), batch_repeats),
+                             max_abs_score_gap=float(np.abs(f(cat, num) - ref).max())) for k, f in rts.items()]).set_index("runtime")
     res["single_row_vs_pytorch"] = res.single_row_p50_ms / res.single_row_p50_ms["PyTorch"]
     res["batch_10k_vs_pytorch"] = res.batch_10k_p50_ms / res.batch_10k_p50_ms["PyTorch"]
     return res
 
+# %% ../nbs/02_propensity.ipynb #56915069
 @bench_app.command("propensity")
 def bench_propensity(smoke: bool = typer.Option(False, help="the small SMOKE world instead of 50,000 customers"),
                      train: bool = typer.Option(True, help="time a fresh TabTransformer training run"),
                      repeats: int = typer.Option(300, help="single-row calls per runtime")):
     "Training time at 50,000 customers and inference latency in PyTorch, TorchScript and ONNX Runtime."
     from loyaltylens.features import default_store, default_world
-    out = {}
+    out, ts = {}, build_training_set(default_store(smoke), default_world(smoke))
     if train:
-        split = temporal_split(build_training_set(default_store(smoke), default_world(smoke)))
-        t = time.perf_counter(); m, hist = fit_tabtransformer(split, TrainConfig(max_epochs=3 if smoke else TrainConfig.max_epochs), progress=False)
+        split = temporal_split(ts)
+        t = time.perf_counter(); m, hist = fit_tabtransformer(split, TrainConfig(max_epochs=SMOKE_EPOCHS if smoke else TrainConfig.max_epochs), progress=False)
         out["training"] = dict(seconds=time.perf_counter() - t, epochs=len(hist), train_rows=len(split.train),
                                customers=int(default_world(smoke).config.get("customers", 0)))
         typer.echo(f"training: {out['training']['seconds']:.1f}s for {len(hist)} epochs on {len(split.train):,} rows "
                    f"({out['training']['customers']:,} customers)")
     m = default_model(smoke)
-    import contextlib, io
-    with contextlib.redirect_stdout(io.StringIO()): rts = runtimes(m, workspace("bench", "propensity-export"))
-    ts = build_training_set(default_store(smoke), default_world(smoke))
-    cat, num = m.pre.transform(ts[ts.as_of == ts.as_of.max()].sample(10_000, replace=True, random_state=0))
+    rts = runtimes(m, workspace("bench", "propensity-export"))
+    cat, num = m.pre.transform(ts[ts.as_of == ts.as_of.max()].sample(BENCH_ROWS, replace=True, random_state=0))
     res = benchmark(rts, cat, num, repeats)
     out["latency"] = res.reset_index().to_dict("records")
     (workspace("bench") / "propensity.json").write_text(json.dumps(out, indent=1))
@@ -806,9 +985,10 @@ def bench_propensity(smoke: bool = typer.Option(False, help="the small SMOKE wor
 # %% ../nbs/02_propensity.ipynb #267ffe45
 @demo_step(20, "Propensity: TabTransformer vs. gradient boosting on a temporal split, calibrated, in MLflow")
 def _demo_propensity() -> dict:
-    m = default_model(_smoke_default())
+    smoke = _smoke_default()
+    m = default_model(smoke)
     t = m.metrics["test"]
     return {"registered model": f"models:/{MODEL_NAME}/{m.version}",
             "test ROC-AUC (TabTransformer / gradient boosting / logistic)":
                 " / ".join(f"{t[k]['roc_auc']:.4f}" for k in ["TabTransformer (calibrated)", "gradient boosting", "logistic regression"]),
-            "calibrated ECE": f"{t['TabTransformer (calibrated)']['ece']:.4f}", "model bundle": str(_default_dir(_smoke_default()))}
+            "calibrated ECE": f"{t['TabTransformer (calibrated)']['ece']:.4f}", "model bundle": str(_default_dir(smoke))}
