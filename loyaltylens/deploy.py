@@ -57,7 +57,7 @@ def serving_model(model: prop.PropensityModel):  # a trained propensity model
 def raw_inputs(model: prop.PropensityModel, df: pd.DataFrame):
     "(channel index, float64 numerics) tensors of validated feature rows: what the serving module takes."
     import torch
-    x = prop.validate_features(df)
+    x = prop.check_model_input(df)
     chan = x.channel_preference.map({c: i for i, c in enumerate(model.pre.channels)}).to_numpy()
     return torch.from_numpy(chan.astype(np.int64)), torch.from_numpy(x[prop.NUMERIC_COLUMNS].to_numpy(np.float64))
 
@@ -263,7 +263,7 @@ def _rows_arg(payload: str) -> list[dict]:
     except (json.JSONDecodeError, OSError) as e: raise BadInput(f"--payload: not JSON or a readable JSON file ({e})")
     data = data.get("instances", data) if isinstance(data, dict) else data
     rows = [data] if isinstance(data, dict) else data
-    try: prop.validate_features(pd.DataFrame(rows))
+    try: prop.check_model_input(pd.DataFrame(rows))
     except (ValueError, TypeError) as e: raise BadInput(f"--payload: {e}")
     return rows
 

@@ -25,7 +25,7 @@ from .core import (BadInput, StageTimer, app, bench_app, demo_step, get_settings
 from . import features as fs, generation as gen, propensity as prop, retrieval as ret
 
 # %% auto #0
-__all__ = ['STORE_BACKENDS', 'ID_PATTERN', 'AS_OF_PATTERN', 'router', 'ARTEFACT_DEPENDENCIES', 'pipeline_app',
+__all__ = ['SERVED_STORE_BACKENDS', 'ID_PATTERN', 'AS_OF_PATTERN', 'router', 'ARTEFACT_DEPENDENCIES', 'pipeline_app',
            'PUBLISHED_NON_LLM_MS', 'NON_LLM_GOAL_MS', 'NON_LLM_STAGES', 'MissingArtefact', 'world_root',
            'open_feature_store', 'open_model', 'open_offer_store', 'PipelineSettings', 'PipelineResult',
            'UnknownCustomer', 'LoyaltyLensPipeline', 'ErrorBody', 'serving_pipeline', 'run_pipeline', 'BackendState',
@@ -61,13 +61,13 @@ def open_model(smoke: bool) -> prop.PropensityModel:  # which size
     try: return prop.default_model(smoke, train_if_missing=False)
     except FileNotFoundError: raise MissingArtefact("the propensity model", smoke) from None
 
-STORE_BACKENDS = ("pgvector", "memory")  # the stores the pipeline serves from (03 compares the framework wrappers)
+SERVED_STORE_BACKENDS = ("pgvector", "memory")  # the stores the pipeline serves from (03 compares the framework wrappers)
 
 def open_offer_store(backend: str,  # "pgvector" (default) or "memory"
                      offers: pd.DataFrame,  # the world's catalog
                      smoke: bool) -> ret.OfferStore:  # names the command in the error
     "The filled offer store: pgvector's table must already carry its fill fingerprint; memory embeds the catalog in process."
-    if backend not in STORE_BACKENDS: raise ValueError(f"store backend {backend!r}: choose one of {STORE_BACKENDS}")
+    if backend not in SERVED_STORE_BACKENDS: raise ValueError(f"store backend {backend!r}: choose one of {SERVED_STORE_BACKENDS}")
     if backend == "memory": return ret.offer_store("memory", offers)
     store = ret.PgVectorStore(f"offers_{len(offers)}_{ret.model_tag(None)}_pgv")  # the table `offer_store` fills
     if store.fingerprint() is None: raise MissingArtefact("the pgvector offer index", smoke)
@@ -77,7 +77,7 @@ def open_offer_store(backend: str,  # "pgvector" (default) or "memory"
 class PipelineSettings(BaseSettings):
     "The pipeline's own knob, read from the environment."
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-    store_backend: Literal[STORE_BACKENDS] = Field("pgvector", alias="LOYALTYLENS_STORE_BACKEND")  # where offers are searched
+    store_backend: Literal[SERVED_STORE_BACKENDS] = Field("pgvector", alias="LOYALTYLENS_STORE_BACKEND")  # where offers are searched
 
 class PipelineResult(BaseModel):
     "One customer through the whole pipeline."

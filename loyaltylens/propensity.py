@@ -25,8 +25,8 @@ from .core import (BadInput, app, bench_app, demo_step, get_settings, latency_su
 from .features import CHANNELS, FEATURE_COLUMNS
 
 # %% auto #0
-__all__ = ['HORIZON_DAYS', 'NUMERIC_COLUMNS', 'COUNT_COLUMNS', 'MODEL_NAME', 'EXPERIMENT', 'SMOKE_EPOCHS', 'validate_features',
-           'ECE_BINS', 'TOP_FRACTION', 'TRAIN_MONTHS', 'VALID_MONTH', 'TEST_MONTH', 'LOG_COLUMNS', 'GBDT_MAX_ITER',
+__all__ = ['HORIZON_DAYS', 'NUMERIC_COLUMNS', 'COUNT_COLUMNS', 'MODEL_NAME', 'EXPERIMENT', 'SMOKE_EPOCHS', 'ECE_BINS',
+           'TOP_FRACTION', 'TRAIN_MONTHS', 'VALID_MONTH', 'TEST_MONTH', 'LOG_COLUMNS', 'GBDT_MAX_ITER',
            'PUBLISHED_LABEL_THRESHOLD', 'PUBLISHED_FRACTIONS', 'PUBLISHED_SEED', 'N_BINS', 'MIN_STD', 'UNPENALISED_C',
            'PROBABILITY_FLOOR', 'MIN_BIN_ROWS', 'PIP_REQUIREMENTS', 'EXAMPLE_BATCH', 'AGREEMENT_TOLERANCE',
            'MAX_BATCH_ROWS', 'router', 'model_app', 'BENCH_ROWS', 'build_training_set', 'check_model_input',
@@ -82,9 +82,6 @@ def check_model_input(df: pd.DataFrame,  # rows with the six FEATURE_COLUMNS (ex
     bad = ~out.channel_preference.isin(CHANNELS)
     if bad.any(): raise ValueError(f"channel_preference: unknown channel {out.channel_preference[bad].iloc[0]!r} (expected one of {list(CHANNELS)})")
     return out
-
-# %% ../nbs/02_propensity.ipynb #777f5439
-validate_features = check_model_input  # the former name, kept while notebook 07a (deploy) still calls it; use check_model_input
 
 # %% ../nbs/02_propensity.ipynb #a066d2cb
 ECE_BINS = 15  # equal-width probability bins for the expected calibration error and the reliability plot
