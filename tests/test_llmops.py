@@ -1,6 +1,7 @@
 """Module 05 integration tests: prompt CLI (activate/rollback, locked and atomic, live for generation), the eval gate
 passing the active prompt and failing v3-pushy, PSI against an independent computation and on the timezone bug, the
-drift CLI, the audit on a biased fixture, the dashboard (AppTest and headless Chromium), the router, actionlint."""
+drift CLI, the audit on a biased fixture, the dashboard (AppTest and headless Chromium), the router, the eval-gate
+workflow (tests/test_workflows.py lints every workflow)."""
 import bisect, json, multiprocessing as mp, os, shutil, socket, subprocess, sys, time
 from pathlib import Path
 
