@@ -1,6 +1,6 @@
 """Module 04 integration tests: the openai backend over real HTTP against llama-cpp-python's OpenAI-compatible
 server on the packaged Gemma, real-world copy for two offers, registry failures, brand and CLIP scorers, router."""
-import os, shutil, socket, subprocess, sys, time
+import json, os, shutil, socket, subprocess, sys, time
 
 import httpx
 import pytest
@@ -46,11 +46,11 @@ def openai_env(openai_server, monkeypatch):
 
 CUSTOMER = dict(customer_id="C-test", recency_days=6, frequency_30d=4, monetary_90d=96.0, offer_redemption_rate=0.2,
                 channel_preference="web", engagement_score=0.41)
-OFFER = dict(offer_id="OF-test", title="Burger Barn: 25% off craft burgers", category="dining", discount_pct=25.0, expiry_days=7)
+OFFER = dict(offer_id="OF-test", title="Burger Barn: 25% off craft burgers", category="dining", channel="web", discount_pct=25.0, expiry_days=7)
 
 
 def test_openai_backend_over_http(openai_env):
-    copy = g.write_copy(CUSTOMER, 0.47, OFFER, backend="openai")
+    copy = g.write_copy(CUSTOMER, 0.47, OFFER, backend="openai", check_facts=False)  # the transport is under test here
     assert copy.backend == "openai" and copy.model == "gemma-3-270m"
     assert copy.prompt_tokens > 100 and copy.completion_tokens > 5  # the server's tokenizer counts
     assert copy.headline.startswith("25% off")
@@ -66,7 +66,7 @@ def test_openai_backend_sends_json_schema_first(openai_env):
     with pytest.raises(openai.APIStatusError, match="response_format"):
         client.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
-    copy = g.write_copy(CUSTOMER, 0.47, {**OFFER, "discount_pct": 30.0}, version="v1", backend="openai")
+    copy = g.write_copy(CUSTOMER, 0.47, {**OFFER, "discount_pct": 30.0}, version="v1", backend="openai", check_facts=False)
     assert copy.prompt_version == "v1" and "30%" in copy.headline
 
 
@@ -120,7 +120,7 @@ def test_missing_required_field_names_it(scratch_registry):
 
 
 def test_unknown_version_is_clear(scratch_registry):
-    with pytest.raises(g.UnknownPromptVersion, match=r"unknown prompt version 'v404'.*\['v1', 'v2'\]"):
+    with pytest.raises(g.UnknownPromptVersion, match=r"unknown prompt version 'v404'.*\['v1', 'v2'"):
         g.write_copy(CUSTOMER, 0.5, OFFER, version="v404", registry=scratch_registry)
 
 
@@ -134,10 +134,11 @@ def test_activate_and_history(scratch_registry):
     assert g.PromptRegistry().active_version() == "v2"  # the repository file is untouched
 
 
-def test_every_shipped_version_generates_valid_copy():
-    for v in g.PromptRegistry().versions():
+def test_every_serving_version_generates_valid_copy():
+    for v in ("v1", "v2"):  # the versions written to serve (v3-pushy is notebook 05's deliberately bad prompt)
         copy = g.write_copy(CUSTOMER, 0.47, OFFER, version=v, backend="local")
         assert copy.prompt_version == v and copy.headline.startswith("25% off")
+        assert g.fact_check(copy, OFFER, CUSTOMER) == []
 
 
 def test_brand_scores_rank_good_above_off_brand():
@@ -164,20 +165,138 @@ def test_clip_quality_with_real_weights():
     assert s[0] > s[1]
 
 
-def test_router_errors_without_generation():
+def test_router_errors_without_generation(monkeypatch):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
-    os.environ["LOYALTYLENS_SMOKE"] = "1"
-    try:
-        http = TestClient(FastAPI()); http.app.include_router(g.router)
-        cat = g.offer_catalog(True)
-        from loyaltylens.features import default_store
-        cid = default_store(True).get_many([f"C{i:08d}" for i in range(50)]).customer_id.iloc[0]
-        assert http.post("/copy/generate", json={"customer_id": "C-nope", "offer_id": cat.offer_id.iloc[0]}).status_code == 404
-        assert http.post("/copy/generate", json={"customer_id": cid, "offer_id": "OF-nope"}).status_code == 404
-        r = http.post("/copy/generate", json={"customer_id": cid, "offer_id": cat.offer_id.iloc[0], "prompt_version": "v9"})
-        assert r.status_code == 422 and "prompt_version" in r.text
-        r = http.post("/copy/generate", json={"customer_id": cid, "offer_id": cat.offer_id.iloc[0], "backend": "claude"})
-        assert r.status_code == 422 and "backend" in r.text
-    finally:
-        del os.environ["LOYALTYLENS_SMOKE"]
+    monkeypatch.setenv("LOYALTYLENS_SMOKE", "1")  # restored after the test: later tests keep their own world size
+    http = TestClient(FastAPI()); http.app.include_router(g.router)
+    cat = g.offer_catalog(True)
+    from loyaltylens.features import default_store
+    cid = default_store(True).get_many([f"C{i:08d}" for i in range(50)]).customer_id.iloc[0]
+    assert http.post("/copy/generate", json={"customer_id": "C-nope", "offer_id": cat.offer_id.iloc[0]}).status_code == 404
+    assert http.post("/copy/generate", json={"customer_id": cid, "offer_id": "OF-nope"}).status_code == 404
+    r = http.post("/copy/generate", json={"customer_id": cid, "offer_id": cat.offer_id.iloc[0], "prompt_version": "v9"})
+    assert r.status_code == 422 and "prompt_version" in r.text
+    r = http.post("/copy/generate", json={"customer_id": cid, "offer_id": cat.offer_id.iloc[0], "backend": "claude"})
+    assert r.status_code == 422 and "backend" in r.text
+
+
+# --- registry: version names and concurrent activation ---
+
+def test_slug_versions_load_and_sort(scratch_registry):
+    data = yaml.safe_load((scratch_registry.root / "v2.yaml").read_text())
+    for v in ("v3-pushy", "v10", "v3"):
+        (scratch_registry.root / f"{v}.yaml").write_text(yaml.safe_dump({**data, "version": v}))
+    (scratch_registry.root / "v4-Bad.yaml").write_text(yaml.safe_dump({**data, "version": "v4-Bad"}))  # uppercase slug: not a version
+    assert scratch_registry.versions() == ["v1", "v2", "v3", "v3-pushy", "v10"]
+    assert scratch_registry.load("v3-pushy").version == "v3-pushy"
+    with pytest.raises(g.UnknownPromptVersion): scratch_registry.load("v4-Bad")
+
+
+def _activate_many(root, version, who, n):
+    reg = g.PromptRegistry(root)
+    for i in range(n): reg.activate(version, by=f"{who}-{i}")
+
+
+def test_concurrent_activations_lose_no_entry(scratch_registry):
+    import multiprocessing as mp
+    before = len(scratch_registry.history())
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_activate_many, args=(str(scratch_registry.root), v, f"p{k}", 10)) for k, v in enumerate(["v1", "v2", "v1", "v2"])]
+    for p in procs: p.start()
+    for p in procs: p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    by = sorted(h.by for h in scratch_registry.history()[before:])
+    assert by == sorted(f"p{k}-{i}" for k in range(4) for i in range(10))
+    assert list(scratch_registry.root.glob("*.tmp")) == []
+
+
+# --- fact_check ---
+
+FACT_OFFER = dict(offer_id="OF-f", title="Bed & Bath Co: 20% off bedding", description="", category="home", channel="web",
+                  discount_pct=20.0, expiry_days=14, min_propensity=0.1)
+FACT_CUSTOMER = dict(recency_days=3, frequency_30d=2, monetary_90d=64.0, offer_redemption_rate=0.25, channel_preference="mobile",
+                     engagement_score=0.4)
+
+
+@pytest.mark.parametrize("body, flagged", [
+    ("You save 20% on bedding at Bed & Bath Co online within 14 days.", []),
+    ("You save 15% on bedding at Bed & Bath Co.", ["15%"]),  # an invented percentage
+    ("You get a $15 discount on bedding.", ["$15"]),  # money the offer does not give
+    ("Shop online in the next three weeks.", ["three weeks"]),  # a duration that is not the expiry
+    ("Treat yourself at FreshMart today.", ["FreshMart", "today"]),  # another brand; "today" on a 14-day offer
+    ("Drop by the store for 20% off bedding.", ["Drop by", "store"]),  # in-store wording on a web offer
+    ("We saved 20% for you. Use code 30OFF.", ["30", "code", "30OFF", "We"]),
+    ("Enjoy 20% off bedding <b>online</b>.", ["<b>", "</b>"]),
+    ("You save 20% on bedding…", ["…", "bedding…"]),
+])
+def test_fact_check_spans(body, flagged):
+    copy = dict(headline="20% off bedding", body=body, cta="Shop bedding")
+    assert sorted(g.fact_check(copy, FACT_OFFER, FACT_CUSTOMER)) == sorted(flagged)
+
+
+def test_fact_check_accepts_copy_objects_and_customer_facts():
+    copy = g.CopyText(headline="20% off bedding", body="Since your last visit 3 days ago, you can take 20% off bedding online.",
+                      cta="Shop bedding", tone="friendly")
+    assert g.fact_check(copy, FACT_OFFER, FACT_CUSTOMER) == []
+    assert g.fact_check(copy, {**FACT_OFFER, "channel": "mobile"}, FACT_CUSTOMER) == ["online"]
+
+
+def test_shipped_few_shot_examples_are_true_to_their_offer():
+    for v in ("v1", "v2"):
+        for i, ex in enumerate(g.PromptRegistry().get(v).few_shot):
+            offer = dict(title=ex.inputs["title"], category=ex.inputs["category"], discount_pct=float(ex.inputs["discount"]),
+                         expiry_days=int(ex.inputs["expiry_days"]),
+                         channel={w: c for c, w in g.CHANNEL_WORDS.items()}[ex.inputs["offer_channel"]])
+            assert g.fact_check(ex.output, offer, {}) == [], (v, i, ex.output)
+
+
+# --- fast route vs GBNF reference ---
+
+@pytest.fixture(scope="module")
+def decoder():
+    return g.load_decoder()
+
+
+def _fixtures():
+    ok = json.dumps(dict(headline="25% off dining tonight", body="You save on craft burgers.", cta="Book now", tone="urgent"))
+    return {"valid": ok, "prefix only": ok.replace(" tonight", ""), "other discount": ok.replace("25%", "30%"),
+            "bad tone": ok.replace("urgent", "calm"), "double space": ok.replace("craft burgers", "craft  burgers"),
+            "escaped quote": ok.replace("craft", '\\"craft\\"'), "body too long": ok.replace("You save on craft burgers.", " ".join(["w"] * 36)),
+            "body at its limit": ok.replace("You save on craft burgers.", " ".join(["w"] * 35)), "missing cta": ok.replace('"cta": "Book now", ', ""),
+            "trailing text": ok + "\n", "leading space": ok.replace('"You', '" You'), "non-ASCII": ok.replace("craft", "crème"),
+            "long word": ok.replace("craft", "c" * 25), "extra key": ok[:-1] + ', "x": "y"}'}
+
+
+def test_fast_and_gbnf_accept_the_same_strings(decoder):
+    limits = g.PromptRegistry().get("v2").eval_criteria.word_limits
+    grammar, pattern = g.copy_grammar(limits, "25% off dining"), g.copy_pattern(limits, "25% off dining")
+    verdicts = {k: (g.gbnf_accepts(grammar, s, decoder), bool(pattern.fullmatch(s))) for k, s in _fixtures().items()}
+    assert all(a == b for a, b in verdicts.values()), verdicts
+    assert {k for k, (a, _) in verdicts.items() if a} == {"valid", "prefix only", "body at its limit", "non-ASCII"}
+
+
+def test_prefix_reuse_gives_the_cold_greedy_output(decoder):
+    ctx = g.prompt_context(CUSTOMER, 0.47, OFFER)
+    prompt = g.few_shot_prompt(g.PromptRegistry().get("v2"), ctx)
+
+    def greedy(reuse):
+        evaluated, out = decoder.eval_prompt(prompt, reuse), []
+        for _ in range(10):
+            out.append(int(decoder.logits().argmax())); decoder.llm.eval(out[-1:])
+        return out, evaluated
+
+    decoder.eval_prompt(prompt.replace("craft burgers", "vegan tacos"))  # another customer's prompt in the cache
+    (warm, n_warm), (cold, n_cold) = greedy(True), greedy(False)
+    assert warm == cold
+    assert n_cold == len(decoder.tokens(prompt, bos=True)) and n_warm < n_cold / 3
+
+
+def test_fast_route_output_is_in_the_grammar_language_and_true(decoder):
+    pv = g.PromptRegistry().get("v2")
+    pattern = g.copy_pattern(pv.eval_criteria.word_limits, "25% off dining")
+    for seed in range(3):
+        c = g.write_copy(CUSTOMER, 0.47, OFFER, version="v2", backend="local", seed=seed)
+        text = json.dumps(c.model_dump(include={"headline", "body", "cta", "tone"}), ensure_ascii=False)
+        assert pattern.fullmatch(text), text
+        assert g.fact_check(c, OFFER, CUSTOMER) == []
