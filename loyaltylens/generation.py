@@ -133,6 +133,11 @@ FIRST_PERSON = r"\b(?:" + "|".join(FIRST_PERSON_WORDS) + r")\b"
 MARKUP = r"<[^>]*>|\*\*?|__|`|#|\[|\]|\{|\}|&[a-z]+;|\\|\n"
 RELATIVE_TIME = {"today": 1, "tonight": 1, "tomorrow": 2, "this weekend": 7, "this week": 7, "this month": 31}  # max expiry days
 
+def _words(text: str) -> set[str]:
+    "Lower-case words of `text`, hyphenated names (\"Fix-It\") both whole and in parts."
+    text = text.lower()
+    return set(re.findall(r"[a-z0-9']+", text)) | set(re.findall(r"[a-z0-9']+(?:-[a-z0-9']+)+", text))
+
 def offer_facts(offer: dict,  # one offer-catalog row (OFFER_COLUMNS)
                 customer: dict) -> dict:  # one feature row (FEATURE_COLUMNS)
     "The facts copy may state: the offer's discount, expiry, brand, product and channel; the customer's own numbers."
@@ -147,7 +152,7 @@ def offer_facts(offer: dict,  # one offer-catalog row (OFFER_COLUMNS)
                 channel=str(offer.get("channel", "")), customer_numbers=customer_numbers,
                 money={round(float(customer["monetary_90d"]))} if "monetary_90d" in customer else set(),
                 days={int(offer["expiry_days"])} | ({int(customer["recency_days"])} if "recency_days" in customer else set()),
-                words=set(re.findall(r"[a-z0-9']+", f"{offer['title']} {offer.get('description', '')} {offer.get('category', '')}".lower())))
+                words=_words(f"{offer['title']} {offer.get('description', '')} {offer.get('category', '')}"))
 
 def _copy_fields(copy) -> dict[str, str]:
     "headline, body and cta of an `OfferCopy`/`CopyText` or a dict."

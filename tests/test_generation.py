@@ -242,6 +242,13 @@ def test_fact_check_accepts_copy_objects_and_customer_facts():
     assert g.fact_check(copy, {**FACT_OFFER, "channel": "mobile"}, FACT_CUSTOMER) == ["online"]
 
 
+def test_fact_check_accepts_a_hyphenated_brand_of_the_offer():
+    offer = {**FACT_OFFER, "title": "Fix-It Depot: 20% off bedding"}
+    copy = dict(headline="20% off bedding", body="You get 20% off bedding at Fix-It Depot online.", cta="Shop bedding")
+    assert g.fact_check(copy, offer, FACT_CUSTOMER) == []
+    assert g.fact_check({**copy, "body": "You get 20% off bedding at Fix-All Depot online."}, offer, FACT_CUSTOMER) == ["Fix-All"]
+
+
 def test_shipped_few_shot_examples_are_true_to_their_offer():
     for v in ("v1", "v2"):
         for i, ex in enumerate(g.PromptRegistry().get(v).few_shot):
