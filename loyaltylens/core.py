@@ -112,7 +112,7 @@ def _short_pgdata(pgdata: Path) -> Path:
     "`pgdata`, or a short /tmp symlink to it when its path is too long for a Unix socket."
     if len(str(pgdata)) <= 60: return pgdata
     import hashlib
-    alias = Path("/tmp") / f"ll-pg-{hashlib.sha1(str(pgdata).encode()).hexdigest()[:10]}"
+    alias = Path("/tmp") / f"ll-pg-{hashlib.sha1(str(pgdata).encode(), usedforsecurity=False).hexdigest()[:10]}"  # noqa: S108 -- a Unix socket path must be short
     if not alias.is_symlink(): 
         try: alias.symlink_to(pgdata, target_is_directory=True)
         except FileExistsError: pass
@@ -458,7 +458,7 @@ def _probe(name: str, fn: Callable[[], str], required: bool = False) -> Check:
 def _version_of(cmd: list[str]) -> str:
     exe = shutil.which(cmd[0])
     if not exe: raise FileNotFoundError(f"{cmd[0]} not on PATH")
-    return subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    return subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=30)  # noqa: S603 -- an argv list, no shell.stdout.strip().splitlines()[0]
 
 # %% ../nbs/00_core.ipynb #737635b4
 def _check_duckdb() -> str:

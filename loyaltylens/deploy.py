@@ -130,7 +130,7 @@ def start_container_server(model_dir: Path,  # an unpacked model.tar.gz
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIP_")}
     env.update(MODEL_DIR=str(model_dir), HOST="127.0.0.1")
     if vertex: env.update(AIP_HTTP_PORT=str(port), AIP_HEALTH_ROUTE=VERTEX_HEALTH_ROUTE, AIP_PREDICT_ROUTE=VERTEX_PREDICT_ROUTE)
-    proc = subprocess.Popen([sys.executable, str(deploy_dir() / "server.py")], env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(deploy_dir() / "server.py")], env=env, start_new_session=True)  # noqa: S603 -- fixed argv, no shell
     url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
     while time.monotonic() - t0 < 60:
         if proc.poll() is not None: raise RuntimeError(f"server.py exited with code {proc.returncode}")

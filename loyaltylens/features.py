@@ -164,7 +164,7 @@ def world_config(customers: int = 50_000,  # number of customers
 # %% ../nbs/01_features.ipynb #1b33af70
 def config_hash(config) -> str:  # any JSON-able value
     "A short stable hash of a JSON-able config."
-    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode(), usedforsecurity=False).hexdigest()[:12]
 
 # %% ../nbs/01_features.ipynb #d63b7753
 AFFINITY_WEIGHT = 0.9  # log-odds per unit of log(affinity × number of categories); an average-liked category adds 0
@@ -896,7 +896,7 @@ def default_store(smoke: bool = False) -> FeatureStore:  # smoke: the store of t
 
 # %% ../nbs/01_features.ipynb #f87a70ba
 router = APIRouter(prefix="/features", tags=["features"])
-_ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"  # ids start with a letter or digit: never ".." or "-x"
 
 @lru_cache(maxsize=1)
 def served_store() -> FeatureStore:
@@ -913,14 +913,14 @@ def feature_versions(store: FeatureStore = Depends(served_store)) -> list[dict]:
     return [dict(version=r.version, as_of=str(r.as_of), created_at=str(r.created_at), n_rows=int(r.n_rows),
                  schema_hash=r.schema_hash, config=json.loads(r.config or "{}")) for r in vs.itertuples()]
 
-@router.get("/stats")
+@router.get("/stats", responses={404: {"description": "unknown version"}})
 def feature_stats(version: str | None = Query(None, pattern=_VERSION_RE.pattern, description="a version; default the newest"),
                   store: FeatureStore = Depends(served_store)) -> dict:
     "Summary statistics of one version."
     try: return store.stats(version)
     except KeyError as e: _http_404(e)
 
-@router.get("/{customer_id}")
+@router.get("/{customer_id}", responses={404: {"description": "unknown customer or version"}})
 async def customer_features(customer_id: str = PathParam(..., pattern=_ID_PATTERN, description="the customer id"),
                             version: str | None = Query(None, pattern=_VERSION_RE.pattern, description="a version; default the newest"),
                             store: FeatureStore = Depends(served_store)) -> dict:
@@ -1058,7 +1058,7 @@ def serve_subprocess(store_path: Path, port: int | None = None):  # the DuckDB s
         with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     code = ("import uvicorn; from fastapi import FastAPI; from loyaltylens.features import router; api = FastAPI(); "
             f"api.include_router(router); uvicorn.run(api, host='127.0.0.1', port={port}, log_level='warning', access_log=False)")
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "LOYALTYLENS_FEATURE_STORE": str(store_path)},
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "LOYALTYLENS_FEATURE_STORE": str(store_path)},  # noqa: S603 -- fixed argv, no shell
                             start_new_session=True)  # its own process group: signals meant for us do not reach it
     url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
     while True:

@@ -204,7 +204,7 @@ class ErrorBody(BaseModel):
 
 def _error(description: str) -> dict: return {"model": ErrorBody, "description": description}
 
-ID_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"  # customer ids, as in the feature router
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"  # customer ids, as in the feature router
 AS_OF_PATTERN = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?(Z|[+-]\d{2}:\d{2})?$"  # ISO date or date-time
 router = APIRouter(prefix="/pipeline", tags=["pipeline"])
 _PIPELINES: dict[tuple, LoyaltyLensPipeline] = {}
@@ -384,7 +384,7 @@ def serve_process(env: dict | None = None,  # extra environment variables
     "Start `loyaltylens serve` as a real process on a free port; return (process, base URL) once /health answers."
     import httpx
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from loyaltylens.core import main; main()", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-c", "from loyaltylens.core import main; main()", "serve", "--port", str(port)],  # noqa: S603 -- fixed argv, no shell
                             env={**os.environ, **(env or {})}, start_new_session=True)  # own process group: stop it with its children
     url, t0 = f"http://127.0.0.1:{port}", time.monotonic()
     while time.monotonic() - t0 < timeout:

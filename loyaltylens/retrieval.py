@@ -6,7 +6,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/retrieval.html.md"""
 
 # %% ../nbs/03_retrieval.ipynb #ffdb2d20
 from __future__ import annotations
-import hashlib, json, time
+import hashlib, json, re, time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
@@ -22,18 +22,18 @@ from .core import (BadInput, app, bench_app, demo_step, get_settings, latency_su
                               minilm_path, pg_connect, pg_url, workspace, workspace_lock)
 
 # %% auto #0
-__all__ = ['OFFER_COLUMNS', 'CHANNEL_WORDS', 'FILTER_KEYS', 'K_MAX', 'META_COLUMNS', 'WEAVIATE_HOWTO', 'STORE_BACKENDS', 'MODES',
-           'SCORE_KIND', 'TRAIN_COMMAND', 'WHERE_PHRASES', 'TRAINING_FILE', 'router', 'offers_app', 'offer_text',
-           'offer_texts', 'get_model', 'model_tag', 'embed', 'offer_vectors', 'Hit', 'check_filters', 'check_k',
-           'filter_mask', 'OfferStore', 'MemoryStore', 'PgVectorStore', 'sqlalchemy_url', 'langchain_embeddings',
-           'llamaindex_embedding', 'LangChainStore', 'LlamaIndexStore', 'weaviate_client', 'weaviate_status',
-           'WeaviateStore', 'offer_store', 'BM25Index', 'rrf', 'OfferRetriever', 'customer_history', 'customer_events',
-           'customer_query', 'propensity_scores', 'customer_filters', 'retrieve_for_customer', 'split_time',
-           'is_eval_customer', 'text_queries', 'customer_queries', 'ground_truth_queries', 'ranking_metrics',
-           'evaluate', 'summarise', 'co_redeemed_pairs', 'trainable_minilm', 'fine_tune', 'adapted_model',
-           'compare_modes', 'bench_world', 'hnsw_sweep', 'bench_paths', 'benchmark', 'bench_report',
-           'serving_retriever', 'RetrieveRequest', 'OfferHit', 'RetrieveResponse', 'retrieve', 'index_cmd',
-           'search_cmd', 'bench_cmd']
+__all__ = ['OFFER_COLUMNS', 'CHANNEL_WORDS', 'FILTER_KEYS', 'K_MAX', 'META_COLUMNS', 'TABLE_PATTERN', 'WEAVIATE_HOWTO',
+           'STORE_BACKENDS', 'MODES', 'SCORE_KIND', 'TRAIN_COMMAND', 'WHERE_PHRASES', 'TRAINING_FILE', 'router',
+           'offers_app', 'offer_text', 'offer_texts', 'get_model', 'model_tag', 'embed', 'offer_vectors', 'Hit',
+           'check_filters', 'check_k', 'filter_mask', 'OfferStore', 'MemoryStore', 'checked_table', 'PgVectorStore',
+           'sqlalchemy_url', 'langchain_embeddings', 'llamaindex_embedding', 'LangChainStore', 'LlamaIndexStore',
+           'weaviate_client', 'weaviate_status', 'WeaviateStore', 'offer_store', 'BM25Index', 'rrf', 'OfferRetriever',
+           'customer_history', 'customer_events', 'customer_query', 'propensity_scores', 'customer_filters',
+           'retrieve_for_customer', 'split_time', 'is_eval_customer', 'text_queries', 'customer_queries',
+           'ground_truth_queries', 'ranking_metrics', 'evaluate', 'summarise', 'co_redeemed_pairs', 'trainable_minilm',
+           'fine_tune', 'adapted_model', 'compare_modes', 'bench_world', 'hnsw_sweep', 'bench_paths', 'benchmark',
+           'bench_report', 'serving_retriever', 'RetrieveRequest', 'OfferHit', 'RetrieveResponse', 'retrieve',
+           'index_cmd', 'search_cmd', 'bench_cmd']
 
 # %% ../nbs/03_retrieval.ipynb #a8de5d98
 OFFER_COLUMNS = ["offer_id", "title", "description", "category", "channel", "discount_pct", "expiry_days", "min_propensity"]
@@ -85,7 +85,7 @@ def embed(texts: Sequence[str] | str,  # one text or many
 
 # %% ../nbs/03_retrieval.ipynb #0ac9195a
 def _digest(*parts) -> str:
-    h = hashlib.sha1()
+    h = hashlib.sha1(usedforsecurity=False)  # a cache key, not a security check
     for p in parts: h.update(json.dumps(p, default=str).encode() if not isinstance(p, bytes) else p)
     return h.hexdigest()[:12]
 
@@ -193,6 +193,13 @@ def _pg_comment(conn, table: str) -> str | None:
     row = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (table,)).fetchone()
     return row[0] if row else None
 
+TABLE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,57}"  # table names are spliced into SQL: plain identifiers (63 bytes with LlamaIndex's `data_`)
+
+def checked_table(table: str) -> str:
+    "`table`, or ValueError naming it unless it is a plain identifier."
+    if not re.fullmatch(TABLE_PATTERN, table): raise ValueError(f"table: {table!r} is not a plain identifier")
+    return table
+
 class PgVectorStore(OfferStore):
     "Offers in a PostgreSQL table with an HNSW (cosine) index."
     name = "pgvector"
@@ -201,7 +208,7 @@ class PgVectorStore(OfferStore):
                  m: int = 16, ef_construction: int = 64,  # HNSW build parameters
                  ef_search: int = 40):  # HNSW query candidate list
         super().__init__(model)
-        self.table, self.m, self.ef_construction, self.ef_search = table, m, ef_construction, ef_search
+        self.table, self.m, self.ef_construction, self.ef_search = checked_table(table), m, ef_construction, ef_search
         self._conn = None
 
     @property
@@ -373,7 +380,7 @@ class LlamaIndexStore(OfferStore):
     def __init__(self, table: str = "offers_li", model=None,  # table (LlamaIndex prefixes `data_`); embedding model
                  m: int = 16, ef_construction: int = 64, ef_search: int = 40):  # HNSW parameters
         super().__init__(model)
-        self.table, self.hnsw = table, dict(hnsw_m=m, hnsw_ef_construction=ef_construction, hnsw_ef_search=ef_search,
+        self.table, self.hnsw = checked_table(table), dict(hnsw_m=m, hnsw_ef_construction=ef_construction, hnsw_ef_search=ef_search,
                                             hnsw_dist_method="vector_cosine_ops")
         self._vs = None
 
@@ -646,10 +653,10 @@ def customer_history(world,  # a `loyaltylens.features.World`
     con.register("offers", world.load_offers()[["offer_id", "title", "category"]])
     ids = None if customer_ids is None else [str(c) for c in customer_ids]
     ev = con.execute(f"""SELECT e.customer_id, e.event_type, e.timestamp, o.category, o.title
-        FROM read_parquet('{world.events_path}/*.parquet') e JOIN offers o USING (offer_id)
+        FROM read_parquet($events) e JOIN offers o USING (offer_id)
         WHERE e.event_type IN ('offer_view', 'redeem') AND e.timestamp >= $lo AND e.timestamp < $hi
         {'AND e.customer_id IN (SELECT unnest($ids))' if ids is not None else ''}""",
-        {"lo": as_of - pd.Timedelta(days=days), "hi": as_of, **({"ids": ids} if ids is not None else {})}).df()
+        {"events": f"{world.events_path}/*.parquet", "lo": as_of - pd.Timedelta(days=days), "hi": as_of, **({"ids": ids} if ids is not None else {})}).df()
     ev["w"] = np.where(ev.event_type == "redeem", 3, 1)
     cats = (ev.groupby(["customer_id", "category"]).w.sum().reset_index().sort_values(["customer_id", "w", "category"], ascending=[True, False, True])
               .groupby("customer_id").category.apply(lambda s: list(s[:2])))
@@ -661,8 +668,8 @@ def customer_events(world,  # a `World`
                     customer_ids: Sequence[str]) -> pd.DataFrame:  # the customers
     "The events of `customer_ids` (DuckDB reads only their rows from the world's Parquet files)."
     import duckdb
-    return duckdb.connect().execute(f"SELECT * FROM read_parquet('{world.events_path}/*.parquet') WHERE customer_id IN (SELECT unnest($ids))",
-                                    {"ids": [str(c) for c in customer_ids]}).df()
+    return duckdb.connect().execute("SELECT * FROM read_parquet($events) WHERE customer_id IN (SELECT unnest($ids))",
+                                    {"events": f"{world.events_path}/*.parquet", "ids": [str(c) for c in customer_ids]}).df()
 
 # %% ../nbs/03_retrieval.ipynb #03aa1c04
 def customer_query(history: dict | pd.Series,  # a row of `customer_history`
@@ -839,12 +846,12 @@ def co_redeemed_pairs(world,  # a `World`
     "Pairs (offer_a, offer_b) of consecutive distinct redemptions by fine-tuning-half customers before `before`."
     import duckdb
     before = before or split_time(world)
-    pairs = duckdb.connect().execute(f"""
+    pairs = duckdb.connect().execute("""
         SELECT prev AS offer_a, offer_id AS offer_b FROM (
             SELECT customer_id, offer_id, lag(offer_id) OVER (PARTITION BY customer_id ORDER BY timestamp) AS prev
-            FROM read_parquet('{world.events_path}/*.parquet')
+            FROM read_parquet($events)
             WHERE event_type = 'redeem' AND timestamp < $before AND CAST(substr(customer_id, 2) AS BIGINT) % 2 = 0)
-        WHERE prev IS NOT NULL AND prev <> offer_id""", {"before": before}).df()
+        WHERE prev IS NOT NULL AND prev <> offer_id""", {"events": f"{world.events_path}/*.parquet", "before": before}).df()
     return pairs.sample(min(max_pairs, len(pairs)), random_state=seed).reset_index(drop=True)
 
 # %% ../nbs/03_retrieval.ipynb #d8db7285
@@ -1064,7 +1071,7 @@ def serving_retriever(backend: str = "pgvector", smoke: bool = False) -> OfferRe
 # %% ../nbs/03_retrieval.ipynb #81da83c2
 class RetrieveRequest(BaseModel):
     "Offers for a customer or a free-text query."
-    customer_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$", description="a customer of the world")
+    customer_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", description="a customer of the world")
     query: str | None = Field(None, min_length=1, max_length=500, description="free text, e.g. 'coffee deals in the app'")
     k: int = Field(5, ge=1, le=K_MAX, description="offers to return")
     mode: Literal["dense", "bm25", "hybrid"] = "dense"
@@ -1091,12 +1098,13 @@ class RetrieveResponse(BaseModel):
 # %% ../nbs/03_retrieval.ipynb #157c1b6e
 router = APIRouter(prefix="/offers", tags=["offers"])
 
-@router.post("/retrieve", response_model=RetrieveResponse)
+@router.post("/retrieve", response_model=RetrieveResponse, responses={404: {"description": "unknown customer_id"},
+             503: {"description": "the chosen backend is not reachable, or the propensity model is not built (the message says how to fix it)"}})
 def retrieve(req: RetrieveRequest) -> RetrieveResponse:
     "Top-k offers with scores for a customer_id or a query."
     t = time.perf_counter()
     smoke, backend = _serving_smoke(), req.backend or "pgvector"
-    if backend == "weaviate" and not weaviate_status()[0]: raise HTTPException(422, f"backend: {weaviate_status()[1]}")
+    if backend == "weaviate" and not weaviate_status()[0]: raise HTTPException(503, f"backend: {weaviate_status()[1]}")
     r, source = serving_retriever(backend, smoke), None
     if req.customer_id:
         from loyaltylens.features import default_store, default_world
