@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import typer, yaml
 from fastcore.basics import patch
 from filelock import FileLock
@@ -39,8 +40,8 @@ __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDER
            'chat_messages', 'openai_client', 'openai_attempt', 'write_copy', 'offer_catalog', 'customer_context',
            'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide', 'load_brand_guide', 'BrandScore', 'copy_text',
            'brand_violations', 'brand_scores', 'clip_weights_available', 'ClipScorer', 'random_clip_scorer',
-           'clip_brand_scores', 'CopyRequest', 'generate_endpoint', 'generate_cmd', 'plain_tokens_per_s',
-           'schema_valid', 'bench_route', 'bench_copy', 'bench_copy_cmd']
+           'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts', 'generate_endpoint', 'generate_cmd',
+           'plain_tokens_per_s', 'schema_valid', 'bench_route', 'bench_copy', 'bench_copy_cmd']
 
 # %% ../nbs/04_generation.ipynb #8ec69637
 WORD_LIMITS = {"headline": 8, "body": 40, "cta": 5}  # hard limits of the contract; a prompt version may be stricter
@@ -392,6 +393,7 @@ def activate(self: PromptRegistry,
     "Make `version` the active one (it must load cleanly) and append the change to the history."
     self.load(version)
     with FileLock(str(self.root / "active.yaml.lock"), timeout=ACTIVATE_LOCK_TIMEOUT_S):  # read-modify-write, one writer at a time
+        for stale in self.root.glob(f".{self.active_path.name}.*.tmp"): stale.unlink(missing_ok=True)  # left by a killed writer
         current = self._active_file() if self.active_path.exists() else ActiveFile(active=version)
         entry = Activation(version=version, activated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            by=by or os.environ.get("USER", "unknown"), reason=reason)
@@ -970,23 +972,38 @@ def clip_brand_scores(copies: list,  # CopyText / OfferCopy objects
     return (scorer or ClipScorer.load()).score(image, [copy_text(c) for c in copies])
 
 # %% ../nbs/04_generation.ipynb #19c5b63f
+from .features import _ID_PATTERN as ID_PATTERN  # ids as the feature router checks them
+
 class CopyRequest(BaseModel):
     "A request for offer copy."
     model_config = ConfigDict(extra="forbid")
-    customer_id: str = Field(min_length=1)
-    offer_id: str = Field(min_length=1)
-    prompt_version: str | None = None  # None = the active version
+    customer_id: str = Field(pattern=ID_PATTERN)  # a customer of the feature store
+    offer_id: str = Field(pattern=ID_PATTERN)  # an offer of the catalog
+    prompt_version: str | None = Field(None, pattern=f"^{VERSION_RE}$", max_length=64)  # None = the active version
     backend: Literal[LLM_BACKENDS] | None = None  # None = settings.llm_backend
 
 router = APIRouter(prefix="/copy", tags=["copy"])
 
-@router.post("/generate", response_model=OfferCopy)
+def _field_error(field: str, message: str) -> HTTPException:
+    "A 422 in FastAPI's own validation-error shape, naming the field."
+    return HTTPException(422, [{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+def missing_copy_artefacts(smoke: bool) -> str | None:
+    "The command that builds what copy needs (world, feature store, propensity model), or None when it is all there."
+    from loyaltylens.features import default_store_path
+    from loyaltylens.propensity import _default_dir
+    if default_store_path(smoke).exists() and (_default_dir(smoke) / "bundle.json").exists(): return None
+    return "loyaltylens model train" + (" --smoke" if smoke else "")
+
+_ERRORS = {404: "unknown customer or offer", 502: "the LLM gave no valid copy", 503: "artefacts or the LLM are missing (the detail names the fix)"}
+
+@router.post("/generate", response_model=OfferCopy, responses={k: {"description": v} for k, v in _ERRORS.items()})
 def generate_endpoint(req: CopyRequest) -> OfferCopy:
-    "Offer copy for a customer and an offer, from the active (or the given) prompt version."
+    "Offer copy for a customer and an offer, from the active (or the given) prompt version; never builds artefacts."
+    if command := missing_copy_artefacts(_smoke_default(None)): raise HTTPException(503, f"not built yet: run `{command}`")
     try: return generate_copy(req.customer_id, req.offer_id, req.prompt_version, req.backend)
     except KeyError as e: raise HTTPException(404, str(e).strip("'\""))
-    except UnknownPromptVersion as e: raise HTTPException(422, f"prompt_version: {e}")
-    except PromptError as e: raise HTTPException(422, str(e))
+    except PromptError as e: raise _field_error("prompt_version", str(e))
     except GenerationError as e: raise HTTPException(503 if "set OPENAI_API_KEY" in str(e) else 502, str(e))
 
 # %% ../nbs/04_generation.ipynb #cf21a9da

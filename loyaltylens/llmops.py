@@ -721,12 +721,13 @@ def dashboard_cmd(port: int = typer.Option(8501, help="port on 127.0.0.1"), head
     raise typer.Exit(subprocess.call(argv))  # noqa: S603 -- a fixed argv, no shell
 
 # %% ../nbs/05_llmops.ipynb #cfc5390b
+import hmac
 router = APIRouter(prefix="/llmops", tags=["llmops"])
 
 def require_token(authorization: str | None = Header(None, description="Bearer <LOYALTYLENS_API_TOKEN>, when that is set")):
     "Allow the request when no API token is configured, or when it carries the token as a Bearer token; 401 otherwise."
     token = getattr(get_settings(), "api_token", None)
-    if token and authorization != f"Bearer {token}":
+    if token and not hmac.compare_digest(authorization or "", f"Bearer {token}"):  # constant time: no timing oracle
         raise HTTPException(401, "authorization: a valid Bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
 class ActivateRequest(BaseModel):

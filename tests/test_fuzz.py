@@ -27,9 +27,6 @@ def no_server_error_but_documented_503(ctx, response, case):
 
 
 CHECKS = [no_server_error_but_documented_503, status_code_conformance, response_schema_conformance]
-# Failures in modules this hardening pass may not edit (their engineers were still at work); each fix is in the
-# issue-16 report. Remove an entry when its module is fixed: the test then fails until it is gone.
-KNOWN_ELSEWHERE = {"POST /copy/generate": "module 04: declare 404 (unknown customer/offer) and 503 (LLM not configured) on the route"}
 FUZZ_FEEDBACK_SCHEMA = "fuzz_feedback"  # PostgreSQL schema the fuzzed POST /feedback writes to (not the shared one)
 LLM_OFF = {"LOYALTYLENS_LLM_BACKEND": "openai", "OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""}  # copy requests: fast 503
 
@@ -89,10 +86,7 @@ def test_fuzz_every_operation(api_schema):
     by_status = {}
     for _, _, s in CASES: by_status[s] = by_status.get(s, 0) + 1
     print(f"fuzz: {len(CASES)} cases over {len(ops)} operations; statuses {dict(sorted(by_status.items()))}")
-    ours = {k: n for k, n in failures.items() if not any(k.startswith(op + ":") for op in KNOWN_ELSEWHERE)}
-    assert not ours, "\n".join(f"{n} x {k}" for k, n in ours.items())
-    owned_elsewhere = {op for op in KNOWN_ELSEWHERE if any(k.startswith(op + ":") for k in failures)}
-    assert owned_elsewhere == set(KNOWN_ELSEWHERE), f"fixed now, drop from KNOWN_ELSEWHERE: {set(KNOWN_ELSEWHERE) - owned_elsewhere}"
+    assert not failures, "\n".join(f"{n} x {k}" for k, n in failures.items())
     assert len(CASES) >= MIN_CASES, len(CASES)
     assert {(o.method.upper(), o.path) for o in ops} <= {(m.upper(), p) for m, p, _ in CASES}
 
@@ -126,4 +120,5 @@ def test_copy_without_llm_is_a_fast_documented_503(server, api_schema):
     assert "503" in documented(api_schema, "post", "/pipeline/{customer_id}")
     offer = httpx.post(f"{server}/offers/retrieve", json={"customer_id": cid}, timeout=60).json()["offers"][0]["offer_id"]
     r = httpx.post(f"{server}/copy/generate", json={"customer_id": cid, "offer_id": offer}, timeout=60)
-    assert r.status_code == 503 and "OPENAI_API_KEY" in r.json()["detail"], r.text  # 503 (not yet documented: KNOWN_ELSEWHERE)
+    assert r.status_code == 503 and "OPENAI_API_KEY" in r.json()["detail"], r.text
+    assert "503" in documented(api_schema, "post", "/copy/generate")

@@ -7,10 +7,7 @@ from pathlib import Path
 import pytest
 
 RUFF = Path(sys.executable).parent / "ruff"  # the virtualenv's ruff
-# Findings in modules whose engineers were still at work when this test was written (module 4 generation, module 8
-# recap); each is reported to the lead with its fix. Remove a file from here once it is clean: the test then keeps it so.
-PENDING = {"loyaltylens/generation.py": "F821 undefined `pd` in the copy code (import pandas as pd in the notebook's imports)",
-           "loyaltylens/recap.py": "F401 unused imports `dataclasses.field`, `get_settings`"}
+
 
 
 def ruff_findings(root: Path, *extra: str) -> list[str]:
@@ -24,14 +21,7 @@ def ruff_findings(root: Path, *extra: str) -> list[str]:
 
 def test_package_passes_ruff_with_security_rules(root):
     findings = ruff_findings(root)
-    ours = [f for f in findings if f.split(":")[0] not in PENDING]
-    assert not ours, "\n".join(ours)
-
-
-def test_pending_files_are_still_dirty(root):
-    "PENDING lists only files that still have findings: once one is fixed, drop it so it stays clean."
-    dirty = {f.split(":")[0] for f in ruff_findings(root)}
-    assert set(PENDING) <= dirty, f"clean now, remove from PENDING: {set(PENDING) - dirty}"
+    assert not findings, "\n".join(findings)
 
 
 def test_ruff_catches_sql_from_strings(tmp_path, root):
