@@ -1073,12 +1073,13 @@ def bench_route(pairs: list, route: str, version: str | None = None, seed: int =
 def bench_copy(n: int = 100,  # copies per route
                smoke: bool = True,  # customers/offers of the small world (the generator does not care about world size)
                version: str | None = None,  # prompt version; None = the active one
-               seed: int = 0) -> dict:  # which pairs and sampling seeds
+               seed: int = 0,  # which pairs and sampling seeds
+               routes: tuple[str, ...] = ("fast", "gbnf")) -> dict:  # routes to time; the fast route always runs
     "Plain completion, the GBNF route and the fast route on the same loaded model and the same pairs."
     pairs, decoder, prompt = _bench_pairs(n, smoke, seed), load_decoder(), PromptRegistry().get(version)
     f, p, o = pairs[0]
     plain = plain_tokens_per_s(decoder, few_shot_prompt(prompt, prompt_context(f, p, o)))
-    routes = {route: bench_route(pairs, route, version, seed) for route in ("fast", "gbnf")}
+    routes = {route: bench_route(pairs, route, version, seed) for route in dict.fromkeys(("fast", *routes))}
     fast = routes["fast"]  # the serving route's headline figures, at the top level for `bench all` and the recap
     return dict(n=len(pairs), version=prompt.version, threads=decoder.llm.n_threads, load_avg_1m=os.getloadavg()[0],
                 plain_tokens_per_s=plain, fast_vs_plain=fast["tokens_per_s"] / plain, valid_rate=fast["schema_valid"],
