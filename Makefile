@@ -44,8 +44,8 @@ sync: install ## fail when nbdev-export, nbdev-clean or the README render would 
 readme: install ## README.md from nbs/index.ipynb: nbdev-readme when quarto is installed, else tools/readme.py
 	@if command -v quarto >/dev/null; then $(BIN)/nbdev-readme; else $(BIN)/python tools/readme.py; fi
 
+# two notebooks at once on two cores: one llama.cpp and one torch thread each, or their spinning threads starve each other
 nbtest: install ## run every notebook's cells as tests (parallel, IN_TEST sizes)
-	# two notebooks at once on two cores: one llama.cpp and one torch thread each, or their spinning threads starve each other
 	LOYALTYLENS_LLM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --timing
 
 pytest: install ## integration, browser, load, fuzz tests and the papermill chain

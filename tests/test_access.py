@@ -42,9 +42,10 @@ def test_every_write_needs_the_token(monkeypatch, prompts_copy):
                 r = c.request(method, path, headers=headers, json={})
                 assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
                 assert r.headers.get("www-authenticate") == "Bearer"
-            # the right token passes the gate: the malformed request is then rejected by validation, and nothing ran
+            # the right token passes the gate: the malformed request is then rejected by validation (422), or by the 503 of an
+            # artefact this workspace has not built (a fresh CI workspace), and nothing ran
             r = c.request(method, path, headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, content=b"{")
-            assert r.status_code == 422, (method, path, r.status_code, r.text)
+            assert r.status_code == 422 or (r.status_code == 503 and "run `loyaltylens" in r.text), (method, path, r.status_code, r.text)
     assert (prompts_copy / "active.yaml").read_bytes() == (prompts_copy.parent / "prompts" / "active.yaml").read_bytes()
 
 

@@ -47,9 +47,8 @@ class TempPostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def pg():
-    "One throwaway PostgreSQL for this file; LOYALTYLENS_PG_URL and LOYALTYLENS_HOME point at it and a temp folder."
+def postgres_env():
+    "A throwaway PostgreSQL; LOYALTYLENS_PG_URL and LOYALTYLENS_HOME point at it and a temp folder, no API token, until it stops."
     server = TempPostgres()
     saved = {k: os.environ.get(k) for k in ("LOYALTYLENS_PG_URL", "LOYALTYLENS_HOME", "LOYALTYLENS_API_TOKEN")}
     os.environ.update(LOYALTYLENS_PG_URL=server.start(), LOYALTYLENS_HOME=str(server.root / "home"))
@@ -59,6 +58,12 @@ def pg():
     for k, v in saved.items():
         if v is None: os.environ.pop(k, None)
         else: os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def pg():
+    "One throwaway PostgreSQL for this file."
+    yield from postgres_env()
 
 
 @pytest.fixture

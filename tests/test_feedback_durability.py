@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from loyaltylens import feedback as fb
-from test_feedback import TempPostgres, make_pairs
+from test_feedback import make_pairs, postgres_env
 
 REPEATS = range(int(os.environ.get("LOYALTYLENS_KILL_REPEATS", "1")))
 KILL_AFTER_ROWS = 300  # kill once this many rows are in: mid-load, with clients in flight
@@ -16,15 +16,8 @@ KILL_AFTER_ROWS = 300  # kill once this many rows are in: mid-load, with clients
 
 @pytest.fixture(scope="module")
 def pg():
-    server = TempPostgres()
-    saved = {k: os.environ.get(k) for k in ("LOYALTYLENS_PG_URL", "LOYALTYLENS_HOME", "LOYALTYLENS_API_TOKEN")}
-    os.environ.update(LOYALTYLENS_PG_URL=server.start(), LOYALTYLENS_HOME=str(server.root / "home"))
-    os.environ.pop("LOYALTYLENS_API_TOKEN", None)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+    "This file's own PostgreSQL: the kill test stops and restarts it."
+    yield from postgres_env()
 
 
 @pytest.fixture
