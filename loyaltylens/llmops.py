@@ -715,7 +715,7 @@ def dashboard_cmd(port: int = typer.Option(8501, help="port on 127.0.0.1"), head
     "Start the Streamlit dashboard on 127.0.0.1:PORT."
     import subprocess, sys
     if not 0 < port < 65536: raise BadInput(f"--port: {port} is not a port")
-    script = Path(__file__).with_name("dashboard_app.py")
+    script = Path(__file__).with_name("_dashboard_app.py")  # "_": never imported by the CLI or the app (streamlit sets MPLBACKEND=Agg on import)
     argv = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", "127.0.0.1", "--server.port", str(port),
             "--server.headless", str(headless).lower(), "--browser.gatherUsageStats", "false"]
     raise typer.Exit(subprocess.call(argv))  # noqa: S603 -- a fixed argv, no shell

@@ -14,7 +14,8 @@ def test_chain_has_notebooks():
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_in_chain(nb: Path):
+def test_notebook_runs_in_chain(nb: Path, monkeypatch):
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # kernels inherit it: a library that set Agg here would hide every plot
     out = ROOT / "_runs" / nb.name
     out.parent.mkdir(exist_ok=True)
     pm.execute_notebook(str(nb), str(out), parameters={"SMOKE": True}, cwd=str(nb.parent),

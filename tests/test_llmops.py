@@ -235,7 +235,7 @@ def test_activation_endpoint_requires_the_token_when_set(client, prompts, monkey
 
 # --- dashboard --------------------------------------------------------------------------------------------------
 
-DASH = ROOT / "loyaltylens" / "dashboard_app.py"
+DASH = ROOT / "loyaltylens" / "_dashboard_app.py"
 
 
 def test_dashboard_apptest_with_data():

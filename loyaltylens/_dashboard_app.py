@@ -52,5 +52,5 @@ def main():
         st.dataframe(pd.DataFrame(d["feedback"]["data"]))
 
 
-if __name__ == "__main__":  # streamlit runs the script as __main__; `loyaltylens` importing every module does not
+if __name__ == "__main__":  # streamlit runs the script as __main__; the leading "_" keeps the CLI and the app from importing it
     main()
