@@ -60,9 +60,9 @@ def postgres_env():
         else: os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pg():
-    "One throwaway PostgreSQL for this file."
+    "One throwaway PostgreSQL for this file; module scope, so the environment is restored before the next file runs."
     yield from postgres_env()
 
 
