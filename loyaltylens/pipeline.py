@@ -26,8 +26,8 @@ from . import features as fs, generation as gen, propensity as prop, retrieval a
 
 # %% auto #0
 __all__ = ['SERVED_STORE_BACKENDS', 'ID_PATTERN', 'AS_OF_PATTERN', 'router', 'ARTEFACT_DEPENDENCIES', 'pipeline_app',
-           'PUBLISHED_NON_LLM_MS', 'NON_LLM_GOAL_MS', 'NON_LLM_STAGES', 'MissingArtefact', 'world_root',
-           'open_feature_store', 'open_model', 'open_offer_store', 'PipelineSettings', 'PipelineResult',
+           'PUBLISHED_NON_LLM_MS', 'NON_LLM_GOAL_MS', 'NON_LLM_STAGES', 'DEMO_CANDIDATES', 'MissingArtefact',
+           'world_root', 'open_feature_store', 'open_model', 'open_offer_store', 'PipelineSettings', 'PipelineResult',
            'UnknownCustomer', 'LoyaltyLensPipeline', 'ErrorBody', 'serving_pipeline', 'run_pipeline', 'BackendState',
            'Health', 'backend_states', 'ui_dir', 'module_routers', 'require_token_for_writes', 'create_app',
            'prepare_cmd', 'run_cmd', 'serve_cmd', 'free_port', 'serve_process', 'stop_process', 'bench_pipeline',
@@ -452,10 +452,13 @@ def bench_pipeline_cmd(n: int = typer.Option(200, min=1, help="customers timed w
     typer.echo(text)
 
 # %% ../nbs/07_pipeline.ipynb #3e6be822
+DEMO_CANDIDATES = 20  # customers tried, in sample order, for one that some offer is eligible for
+
 @demo_step(70, "One pipeline call: features -> propensity -> offers -> copy for the top offer")
 def _demo_pipeline() -> dict:
     pl = LoyaltyLensPipeline()  # SMOKE when LOYALTYLENS_SMOKE is set; the earlier steps built what it reads
-    r = pl.run_for_customer(pl.sample_customers(1)[0])
+    candidates = pl.sample_customers(DEMO_CANDIDATES)  # a lapsed customer may be eligible for nothing: show one who gets copy
+    r = pl.run_for_customer(next((c for c in candidates if pl.run_for_customer(c, copy=False).offers), candidates[0]))
     out = workspace("pipeline") / "demo_result.json"
     out.write_text(r.model_dump_json(by_alias=True, indent=1))
     top = r.offers[0] if r.offers else None
