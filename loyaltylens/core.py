@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib, os, pkgutil, platform, re, shutil, subprocess, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -21,12 +21,12 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
-__all__ = ['SECRET_SETTINGS', 'URL_SETTINGS', 'GLOSSARY', 'app', 'bench_app', 'DEMO_STEPS', 'Settings', 'mask_credentials',
-           'get_settings', 'workspace', 'workspace_lock', 'embedded_postgres', 'pg_url', 'ensure_vector_extension',
-           'pg_connect', 'mlflow_uri', 'mlflow_experiment', 'minilm_path', 'load_minilm', 'gemma_gguf_path',
-           'Completion', 'LlamaCppLLM', 'TransformersLLM', 'llama_cpp_available', 'load_llm', 'StageTimer',
-           'latency_summary', 'glossary_markdown', 'main', 'BadInput', 'demo_step', 'demo', 'Check', 'doctor_checks',
-           'doctor']
+__all__ = ['SECRET_SETTINGS', 'URL_SETTINGS', 'GLOSSARY', 'app', 'bench_app', 'MAX_PATH_CHARS', 'MAX_NAME_CHARS', 'GLOB_CHARS',
+           'PATH_ROLES', 'DEMO_STEPS', 'Settings', 'mask_credentials', 'get_settings', 'workspace', 'workspace_lock',
+           'embedded_postgres', 'pg_url', 'ensure_vector_extension', 'pg_connect', 'mlflow_uri', 'mlflow_experiment',
+           'minilm_path', 'load_minilm', 'gemma_gguf_path', 'Completion', 'LlamaCppLLM', 'TransformersLLM',
+           'llama_cpp_available', 'load_llm', 'StageTimer', 'latency_summary', 'glossary_markdown', 'main', 'BadInput',
+           'checked_path', 'path_option', 'path_argument', 'demo_step', 'demo', 'Check', 'doctor_checks', 'doctor']
 
 # %% ../nbs/00_core.ipynb #4b0372c3
 class Settings(BaseSettings):
@@ -407,6 +407,40 @@ class BadInput(typer.Exit):
     def __init__(self, message: str):
         typer.echo(f"error: {message}", err=True)
         super().__init__(code=2)
+
+# %% ../nbs/00_core.ipynb #dfbc960e
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux: the kernel refuses longer paths
+MAX_NAME_CHARS = 255  # NAME_MAX: the longest single file or folder name
+GLOB_CHARS = re.compile(r"[*?[]")  # an input may be a glob pattern (Parquet parts), which need not exist as one file
+PATH_ROLES = ("input", "output file", "output folder")  # what a command does with the path
+
+def checked_path(text: str,  # the path as the user typed it
+                 role: str) -> Path:  # one of PATH_ROLES
+    "The user's path, or `typer.BadParameter` (exit 2 naming the option) when it cannot be what the command needs."
+    if role not in PATH_ROLES: raise ValueError(f"role: {role!r} is not one of {PATH_ROLES}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text): raise typer.BadParameter(f"{text!r} contains a NUL or control character")
+    if len(text) > MAX_PATH_CHARS: raise typer.BadParameter(f"path is {len(text):,} characters; the limit is {MAX_PATH_CHARS:,}")
+    path = Path(text).expanduser()
+    if long := [p for p in path.parts if len(p) > MAX_NAME_CHARS]:
+        raise typer.BadParameter(f"a name in the path is {len(long[0])} characters; the limit is {MAX_NAME_CHARS}")
+    if role == "input" and not path.exists() and not GLOB_CHARS.search(text): raise typer.BadParameter(f"{text}: no such file or folder")
+    if role == "output folder" and path.exists() and not path.is_dir(): raise typer.BadParameter(f"{text} is a file; give a folder")
+    if role == "output file" and path.is_dir(): raise typer.BadParameter(f"{text} is a folder; give a file name")
+    if role != "input" and (blocker := next((p for p in path.parents if p.exists()), None)) and not blocker.is_dir():
+        raise typer.BadParameter(f"{blocker} is a file, so nothing can be written under it")
+    return path
+
+# %% ../nbs/00_core.ipynb #43118581
+def path_option(default,  # None, or ... for a required option
+                role: str,  # one of PATH_ROLES
+                help: str):  # shown by --help
+    "A `typer.Option` whose value goes through `checked_path` (exit 2 naming the option when it fails)."
+    return typer.Option(default, help=help, parser=partial(checked_path, role=role), metavar="PATH")
+
+def path_argument(role: str,  # one of PATH_ROLES
+                  help: str):  # shown by --help
+    "A required `typer.Argument` whose value goes through `checked_path`."
+    return typer.Argument(..., help=help, parser=partial(checked_path, role=role), metavar="PATH")
 
 # %% ../nbs/00_core.ipynb #418f8498
 DEMO_STEPS: dict[int, tuple[str, Callable[[], dict]]] = {}

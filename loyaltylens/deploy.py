@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import typer
 
-from .core import BadInput, app, get_settings, workspace
+from .core import path_argument, path_option, BadInput, app, get_settings, workspace
 from . import propensity as prop
 
 # %% auto #0
@@ -268,12 +268,12 @@ def _rows_arg(payload: str) -> list[dict]:
     return rows
 
 @deploy_app.command("package")
-def package_cmd(out: Path = typer.Option(None, help="folder for model.tar.gz (default workspace/deploy)"), smoke: bool | None = _smoke_opt()):
+def package_cmd(out: Path | None = path_option(None, "output folder", "folder for model.tar.gz (default workspace/deploy)"), smoke: bool | None = _smoke_opt()):
     "Write the SageMaker PyTorch model.tar.gz of the default model."
     typer.echo(package_sagemaker(_model(smoke), out or workspace("deploy")))
 
 @deploy_app.command("container")
-def container_cmd(out: Path = typer.Argument(..., help="folder to write the docker build context to"), smoke: bool | None = _smoke_opt()):
+def container_cmd(out: Path = path_argument("output folder", "folder to write the docker build context to"), smoke: bool | None = _smoke_opt()):
     "Write a docker build context (Dockerfile, server.py, model/) for the serving container."
     with tempfile.TemporaryDirectory() as tmp: typer.echo(container_context(package_sagemaker(_model(smoke), Path(tmp)), out))
 
@@ -285,7 +285,7 @@ def _cloud(fn, *args, **kw):
     except LookupError as e: typer.echo(f"error: {e}", err=True); raise typer.Exit(1)
 
 @sagemaker_app.command("deploy")
-def sm_deploy_cmd(tarball: Path = typer.Option(None, help="model.tar.gz (default: package the default model)"), name: str = _name_opt(),
+def sm_deploy_cmd(tarball: Path | None = path_option(None, "input", "model.tar.gz (default: package the default model)"), name: str = _name_opt(),
                   instance_type: str = typer.Option("ml.t2.medium", help="instance type"), smoke: bool | None = _smoke_opt()):
     "Upload model.tar.gz to S3, create model, endpoint config and endpoint, and wait until it is in service."
     if tarball is not None and not tarball.is_file(): raise BadInput(f"--tarball: no such file {tarball}")

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query
 from fastapi.responses import JSONResponse
 
-from .core import BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
+from .core import path_argument, path_option, BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
 
 # %% auto #0
 __all__ = ['CHANNELS', 'EVENT_TYPES', 'EVENT_COLUMNS', 'FEATURE_COLUMNS', 'OFFER_COLUMNS', 'OFFER_VOCAB', 'CATEGORIES',
@@ -946,7 +946,7 @@ def cli_generate(customers: int = typer.Option(50_000, help="number of customers
                  months: int = typer.Option(12, help="calendar months of events"),
                  seed: int = typer.Option(42, help="random seed"),
                  offers: int = typer.Option(200, help="offer catalog size"),
-                 out: Path | None = typer.Option(None, help="target folder (default: cached in the workspace)"),
+                 out: Path | None = path_option(None, "output folder", "target folder (default: cached in the workspace)"),
                  spend_shift: float = typer.Option(0.0, help="drift: relative change of basket size"),
                  activity_shift: float = typer.Option(0.0, help="drift: relative change of activity"),
                  shift_from_month: int = typer.Option(0, help="first month the shifts apply to"),
@@ -960,7 +960,7 @@ def cli_generate(customers: int = typer.Option(50_000, help="number of customers
     _echo_json(dict(root=str(w.root), **w.stats))
 
 # %% ../nbs/01_features.ipynb #0e11ae5b
-def _store_opt(): return typer.Option(None, help="DuckDB store file (default: the default world's store)")
+def _store_opt(): return path_option(None, "input", "DuckDB store file (default: the default world's store)")
 def _open_store(store: Path | None) -> FeatureStore:
     if store is not None and not store.exists(): raise BadInput(f"store not found: {store}")
     return FeatureStore(store or default_store_path())
@@ -968,8 +968,8 @@ def _open_store(store: Path | None) -> FeatureStore:
 @features_app.command("build")
 def cli_build(as_of: str | None = typer.Option(None, help="snapshot moment, e.g. 2024-06-30"),
               monthly: bool = typer.Option(False, help="one snapshot per month end of the world"),
-              events: Path | None = typer.Option(None, help="world folder or Parquet file/folder (default: the default world)"),
-              store: Path | None = typer.Option(None, help="DuckDB store file (created if missing)"),
+              events: Path | None = path_option(None, "input", "world folder or Parquet file/folder or glob (default: the default world)"),
+              store: Path | None = path_option(None, "output file", "DuckDB store file (created if missing)"),
               version: str | None = typer.Option(None, help="version name for --as-of (default asof-DATE)")):
     "Build feature snapshots: one at --as-of, or one per month end with --monthly."
     if (as_of is None) == (not monthly): raise BadInput("give exactly one of --as-of DATE or --monthly")

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .core import BadInput, app, bench_app, get_settings, pg_url
+from .core import path_argument, path_option, BadInput, app, bench_app, get_settings, pg_url
 from .generation import (OfferCopy, PromptRegistry, chat_messages, few_shot_prompt, mentions_offer, n_words,
                                     prompt_context, write_copy)
 
@@ -808,7 +808,7 @@ def aggregate_cmd(day: str = typer.Option(None, "--date", help="UTC day YYYY-MM-
 
 @feedback_cli.command("export")
 def export_cmd(format: str = typer.Option(..., "--format", help="openai-dpo or trl"),
-               out: Path = typer.Option(..., help="JSONL file to write"),
+               out: Path = path_option(..., "output file", "JSONL file to write"),
                include_simulated: bool = typer.Option(False, help="include SIMULATED judgements")):
     "Write the preference dataset (pairs within one context, majority vote, ties dropped) as validated JSONL."
     if format not in EXPORT_FORMATS: raise BadInput(f"--format: {format!r} is not one of {', '.join(EXPORT_FORMATS)}")

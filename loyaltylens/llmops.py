@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 
-from .core import BadInput, app, demo_step, get_settings, load_llm, mlflow_experiment, workspace
+from .core import path_argument, path_option, BadInput, app, demo_step, get_settings, load_llm, mlflow_experiment, workspace
 from .generation import (ACTIVATE_LOCK_TIMEOUT_S, VERSION_RE, Activation, ActiveFile, CopyText,
                                     GenerationError, PromptError, PromptRegistry, UnknownPromptVersion, brand_scores,
                                     copy_text, fact_check, load_brand_guide, mentions_offer, n_words, prompt_context,
@@ -680,7 +680,7 @@ app.add_typer(drift_app, name="drift")
 @drift_app.command("check")
 def drift_check(baseline: str = typer.Option(..., "--baseline", help="the reference feature version"),
                 current: str = typer.Option(..., "--current", help="the feature version to compare"),
-                store: Path | None = typer.Option(None, help="DuckDB store file (default: the default world's store)"),
+                store: Path | None = path_option(None, "input", "DuckDB store file (default: the default world's store)"),
                 warning: float = typer.Option(0.10, help="PSI from which a feature is a warning"),
                 retrain: float = typer.Option(0.25, help="PSI from which the status is retrain"),
                 smoke: bool = typer.Option(False, help="the SMOKE world's store and model")):
@@ -700,7 +700,7 @@ def drift_check(baseline: str = typer.Option(..., "--baseline", help="the refere
 # %% ../nbs/05_llmops.ipynb #69c48e4e
 @app.command("audit")
 def audit_cmd(smoke: bool = typer.Option(False, help="the SMOKE world's model"),
-              out: Path | None = typer.Option(None, help="folder for audit.md and audit.json (default: workspace/llmops/audit)")):
+              out: Path | None = path_option(None, "output folder", "folder for audit.md and audit.json (default: workspace/llmops/audit)")):
     "Responsible-AI audit: fairness on the test month and copy checks on the latest evaluation; exit 1 over thresholds."
     report = audit(smoke)
     folder = out or workspace("llmops", "audit")

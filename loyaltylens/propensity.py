@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .core import (BadInput, app, bench_app, demo_step, get_settings, latency_summary, mlflow_experiment, workspace,
+from .core import (path_argument, path_option, BadInput, app, bench_app, demo_step, get_settings, latency_summary, mlflow_experiment, workspace,
                               workspace_lock)
 from .features import CHANNELS, FEATURE_COLUMNS
 
@@ -904,7 +904,7 @@ def info_cmd(smoke: bool = typer.Option(False, help="the SMOKE model")):
 
 # %% ../nbs/02_propensity.ipynb #9757c0a4
 @model_app.command("export")
-def export_cmd(out: Path = typer.Option(None, help="output folder (default: workspace/models/propensity-export)"),
+def export_cmd(out: Path | None = path_option(None, "output folder", "output folder (default: workspace/models/propensity-export)"),
                smoke: bool = typer.Option(False, help="the SMOKE model")):
     "Write TorchScript and ONNX files of the default model and check they agree with PyTorch within 1e-5."
     m = default_model(smoke)
@@ -919,7 +919,7 @@ def export_cmd(out: Path = typer.Option(None, help="output folder (default: work
     if max(diffs.values()) > AGREEMENT_TOLERANCE: raise typer.Exit(1)
 
 @model_app.command("predict")
-def predict_cmd(path: Path = typer.Argument(..., help="CSV, JSON (list of rows) or JSON-lines file of feature rows"),
+def predict_cmd(path: Path = path_argument("input", "CSV, JSON (list of rows) or JSON-lines file of feature rows"),
                 smoke: bool = typer.Option(False, help="use the SMOKE model")):
     "Print redemption probabilities (CSV: customer_id,probability) for the rows in `path`."
     if not path.exists(): raise BadInput(f"no such file: {path}")

@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import pandas as pd
 import typer
 
-from .core import bench_app, workspace
+from .core import path_argument, path_option, bench_app, workspace
 from .pipeline import NON_LLM_GOAL_MS, NON_LLM_STAGES, PUBLISHED_NON_LLM_MS
 
 # %% auto #0
@@ -312,7 +312,7 @@ def bench_all(scale: str = "default",  # smoke | default | large
 def bench_all_cmd(scale: str = typer.Option("default", help="smoke (the small world, seconds) | default | large"),
                   tier: str = typer.Option("all", help="all, or landing: only the bars cheap enough for every landing"),
                   check: bool = typer.Option(False, "--check", help="exit 1 naming every headline bar that fails"),
-                  out: Path | None = typer.Option(None, help="folder for report.json and report.md (default workspace/bench)")):
+                  out: Path | None = path_option(None, "output folder", "folder for report.json and report.md (default workspace/bench)")):
     "Every module's headline figure at one scale, beside its goal and the published claim; writes report.json and report.md."
     from loyaltylens.core import BadInput
     if scale not in SCALES: raise BadInput(f"--scale {scale!r}: choose from {', '.join(SCALES)}")

@@ -200,6 +200,7 @@ def checked_table(table: str) -> str:
     if not re.fullmatch(TABLE_PATTERN, table): raise ValueError(f"table: {table!r} is not a plain identifier")
     return table
 
+# %% ../nbs/03_retrieval.ipynb #62cdc03f
 class PgVectorStore(OfferStore):
     "Offers in a PostgreSQL table with an HNSW (cosine) index."
     name = "pgvector"

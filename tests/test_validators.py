@@ -79,3 +79,66 @@ def test_http_boundary_rejects_with_4xx(client, s):
               client.post("/offers/retrieve", json={"customer_id": s})):
         assert r.status_code < 500 or r.status_code == 503, (r.request.url, s, r.status_code, r.text)
         if r.status_code == 422: assert "version" in r.text or "customer_id" in r.text, r.text
+
+
+# --- paths typed on the command line -------------------------------------------------------------------------------
+import functools, inspect, typing
+from pathlib import Path
+
+from typer.models import ArgumentInfo, OptionInfo
+from typer.testing import CliRunner
+
+from loyaltylens import core
+
+
+def cli_commands(typer_app, prefix=()):
+    "(command path, callback) of every command registered on `typer_app` and its groups."
+    for c in typer_app.registered_commands: yield (*prefix, c.name or c.callback.__name__), c.callback
+    for g in typer_app.registered_groups: yield from cli_commands(g.typer_instance, (*prefix, g.name))
+
+
+def path_parameters():
+    "(command, parameter, default) of every CLI parameter annotated with Path, after every module registered its commands."
+    import loyaltylens
+    for mod in sorted(m.name for m in __import__("pkgutil").iter_modules(loyaltylens.__path__)):
+        if not mod.startswith("_"): __import__(f"loyaltylens.{mod}")
+    for name, fn in cli_commands(core.app):
+        hints = typing.get_type_hints(fn)
+        for p in inspect.signature(fn).parameters.values():
+            if Path in (hints.get(p.name), *typing.get_args(hints.get(p.name))): yield " ".join(name), p.name, p.default
+
+
+def test_every_cli_path_is_checked():
+    "A Path parameter declared without `path_option`/`path_argument` would skip `checked_path`: name each one."
+    params = list(path_parameters())
+    assert len(params) >= 10, params  # the walk found the CLI's paths (features, propensity, llmops, feedback, deploy, bench)
+    unchecked = [(cmd, name) for cmd, name, default in params
+                 if not (isinstance(default, (OptionInfo, ArgumentInfo)) and isinstance(default.parser, functools.partial)
+                         and default.parser.func is core.checked_path)]
+    assert not unchecked, unchecked
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(max_size=300), st.sampled_from(["a\x00b", "x" * 5000, "/".join(["y" * 256] * 2), "/etc/hostname/x"])),
+       role=st.sampled_from(core.PATH_ROLES))
+def test_accepted_paths_are_openable_names(text, role):
+    "Whatever `checked_path` accepts has no NUL or control character and fits the system's limits."
+    try: path = core.checked_path(text, role)
+    except __import__("typer").BadParameter: return
+    assert not any(ord(c) < 32 or ord(c) == 127 for c in text), text
+    assert len(text) <= core.MAX_PATH_CHARS and all(len(p) <= core.MAX_NAME_CHARS for p in path.parts), text
+
+
+@pytest.mark.parametrize("args, says", [
+    (["bench", "all", "--out", "/etc/hostname"], "is a file; give a folder"),
+    (["feedback", "export", "--format", "trl", "--out", "/etc/hostname/prefs.jsonl"], "nothing can be written under it"),
+    (["feedback", "export", "--format", "trl", "--out", "/tmp"], "is a folder; give a file name"),
+    (["features", "build", "--as-of", "2024-01-01", "--events", "/no/such/world"], "no such file or folder"),
+    (["data", "generate", "--out", "x" * 300], "the limit is 255"),
+])
+def test_cli_refuses_bad_paths_before_running(args, says, tmp_path, monkeypatch):
+    "Exit 2 naming the option and the problem, and nothing written (the workspace stays empty)."
+    monkeypatch.setenv("LOYALTYLENS_HOME", str(tmp_path / "ws"))
+    r = CliRunner().invoke(core.app, args)
+    assert r.exit_code == 2 and says in r.output and "Invalid value for '--" in r.output, (r.exit_code, r.output)
+    assert not (tmp_path / "ws").exists() or not any((tmp_path / "ws").rglob("*")), list((tmp_path / "ws").rglob("*"))
