@@ -1,6 +1,6 @@
-"""Integration tests of loyaltylens.features: the SQL against a pandas reference, a writer killed mid-version,
-bad Parquet input through the real CLI, drift knobs, the catalog text, and leakage/learnability on the default world."""
-import hashlib, json, os, signal, subprocess, sys, textwrap, time
+"""Integration tests of loyaltylens.features: the SQL against a pandas reference (the writer killed mid-version is in
+tests/test_durability.py), bad Parquet input through the real CLI, drift knobs, the catalog text, and leakage/learnability on the default world."""
+import hashlib, json, os, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -81,96 +81,6 @@ def test_paths_with_quotes_reach_duckdb_as_parameters(tmp_path):
     assert (ts.as_of.tolist(), ts.recency_days.tolist(), ts.label.tolist()) == ([T], [store.get(cid)["recency_days"]], [label])
     w = generate_world(200, months=2, seed=1, out=odd / "world")
     assert w.redemption_probability(["C00000000"]).shape == (1, w.config["n_offers"])
-
-
-# ---------------------------------------------------------------- atomic versions: kill a writer mid-write
-BIG_ROWS = 3_000_000  # rows of the killed version: large enough that the write takes about a second or more
-KILL_DELAYS = [0.0, 0.3, 0.8]  # seconds between the write getting under way and the SIGKILL
-BIG_FRAME = textwrap.dedent("""
-    import numpy as np, pandas as pd
-    def big_frame(n):
-        rng = np.random.default_rng(0)
-        return pd.DataFrame({"customer_id": [f"K{i:09d}" for i in range(n)], "recency_days": rng.integers(0, 90, n),
-                             "frequency_30d": rng.integers(0, 9, n), "monetary_90d": rng.uniform(0, 500, n),
-                             "offer_redemption_rate": rng.uniform(0, 1, n), "channel_preference": "web",
-                             "engagement_score": rng.uniform(0, 1, n)})
-""")
-WRITER = BIG_FRAME + textwrap.dedent("""
-    import sys
-    from loyaltylens.features import FeatureStore
-    df = big_frame(int(sys.argv[2]))
-    print("writing", flush=True)
-    FeatureStore(sys.argv[1]).write("big", df, "2024-06-01", {"events": "none"})
-    print("done", flush=True)
-""")
-
-
-def _small(n=50):
-    rng = np.random.default_rng(1)
-    return pd.DataFrame({"customer_id": [f"S{i:04d}" for i in range(n)], "recency_days": rng.integers(0, 90, n),
-                         "frequency_30d": rng.integers(0, 9, n), "monetary_90d": rng.uniform(0, 500, n),
-                         "offer_redemption_rate": rng.uniform(0, 1, n), "channel_preference": "mobile",
-                         "engagement_score": rng.uniform(0, 1, n)})
-
-
-def _checksums(con, version):
-    "Row count and per-column sums of one version, straight from the table."
-    return con.execute("SELECT count(*), sum(recency_days), sum(frequency_30d), sum(monetary_90d), sum(offer_redemption_rate), "
-                       "sum(engagement_score), count(DISTINCT customer_id), min(customer_id), max(customer_id) "
-                       "FROM features WHERE version = ?", [version]).fetchall()[0]
-
-
-def _kill_writer(path: Path, delay: float) -> str:
-    """Start a writer of version 'big' into `path`, SIGKILL it `delay` s after its write is under way.
-    Returns 'torn' (killed before its commit), 'killed-after-commit' or 'finished' (it exited before the signal)."""
-    before = path.stat().st_size
-    proc = subprocess.Popen([PY, "-c", WRITER, str(path), str(BIG_ROWS)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
-    wal = Path(f"{path}.wal")
-    deadline = time.monotonic() + 120  # wait until the write is under way (the file or its WAL grows), then kill
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.stat().st_size != before or (wal.exists() and wal.stat().st_size > 0): break
-        time.sleep(0.005)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.returncode != -signal.SIGKILL: return "finished"
-    return "killed-after-commit" if "big" in FeatureStore(path).versions().version.tolist() else "torn"
-
-
-def test_killed_writer_leaves_only_complete_versions(tmp_path):
-    """SIGKILL a writer at several moments of a 3M-row version. Whatever the moment, the store shows either no 'big'
-    or all of it (rows and values), 'v1' is untouched, no stray rows exist and the store stays writable. The kill must
-    land before the commit at least once, or the test proved nothing."""
-    import duckdb
-    ns: dict = {}
-    exec(BIG_FRAME, ns)
-    big = ns["big_frame"](BIG_ROWS)
-    want = (BIG_ROWS, int(big.recency_days.sum()), int(big.frequency_30d.sum()), big.monetary_90d.sum(),
-            big.offer_redemption_rate.sum(), big.engagement_score.sum(), BIG_ROWS, big.customer_id.min(), big.customer_id.max())
-    outcomes = {}
-    for delay in KILL_DELAYS:
-        path = tmp_path / f"store-{delay}.duckdb"
-        FeatureStore(path).write("v1", _small(), "2024-05-01", {"events": "none"})
-        outcomes[delay] = outcome = _kill_writer(path, delay)
-        reopened = FeatureStore(path)
-        vs = reopened.versions()
-        assert vs.version.tolist() == (["v1"] if outcome == "torn" else ["v1", "big"]), (delay, outcome, vs.version.tolist())
-        con = duckdb.connect(str(path), read_only=True)
-        try:
-            if outcome != "torn":  # visible, so it must be complete: every row, every value
-                got = _checksums(con, "big")
-                assert got[0] == want[0] and got[1:3] == want[1:3] and got[6:] == want[6:], (delay, got, want)
-                np.testing.assert_allclose(got[3:6], want[3:6], rtol=1e-9, err_msg=f"delay {delay}")
-                assert int(vs.set_index("version").loc["big", "n_rows"]) == BIG_ROWS
-            stray = con.execute("SELECT count(*) FROM features WHERE version NOT IN (SELECT version FROM feature_versions)").fetchall()[0][0]
-        finally: con.close()
-        assert stray == 0, (delay, outcome, stray)
-        pd.testing.assert_frame_equal(reopened.get_many(_small().customer_id, "v1"), _small(), check_dtype=False)
-        reopened.write("v2", _small(), "2024-06-01", {"events": "none"})  # still writable
-        assert reopened.versions().version.tolist()[-1] == "v2"
-    print("kill outcomes by delay:", outcomes)
-    assert "torn" in outcomes.values(), f"no kill landed before the commit, so nothing was tested: {outcomes}"
 
 
 # ---------------------------------------------------------------- bad input: real CLI, store unchanged
