@@ -27,23 +27,23 @@ from .core import (BadInput, app, bench_app, demo_step, gemma_gguf_path, get_set
 
 # %% auto #0
 __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDERS', 'NUMBER_WORDS', 'UNIT_DAYS',
-           'CHANNEL_PHRASES', 'FIRST_PERSON_WORDS', 'FIRST_PERSON', 'MARKUP', 'DATE_NAMES', 'RELATIVE_TIME', 'DANGLING',
-           'ALWAYS_ALLOWED_NAMES', 'VERSION_RE', 'ACTIVATE_LOCK_TIMEOUT_S', 'TOP_K', 'TOP_P', 'MIN_P',
-           'RETRY_TEMPERATURE_STEP', 'MAX_TEMPERATURE', 'RETRY_BUDGET_GROWTH', 'MAX_REJECTIONS', 'MAX_WORD_CHARS',
-           'DECODE_BANNED', 'CHANNEL_DECODE_WORDS', 'SHOT_BRANDS', 'TIME_WORDS', 'CODE_WORDS', 'BODY_SENTENCE_WORDS',
-           'LOCAL_ROUTES', 'ATTEMPTS', 'BRAND_VIOLATION_PENALTY', 'CLIP_MODEL', 'router', 'copy_app', 'PLAIN_SAMPLES',
-           'n_words', 'CopyText', 'OfferCopy', 'PromptError', 'prompt_context', 'placeholders', 'render_prompt',
-           'offer_facts', 'number_problems', 'fact_problems', 'fact_check', 'EvalCriteria', 'FewShot', 'PromptVersion',
-           'Activation', 'ActiveFile', 'prompts_dir', 'UnknownPromptVersion', 'version_key', 'PromptRegistry',
-           'write_atomic', 'copy_grammar', 'mentions_offer', 'check_copy', 'RawCompletion', 'few_shot_prompt',
-           'DecodeRules', 'decode_rules', 'growing', 'new_problems', 'piece_ok', 'offer_and_customer', 'CopyDecoder',
-           'load_decoder', 'whole_sentences', 'without_dangling', 'skeleton_attempt', 'gbnf_attempt', 'local_attempt',
-           'gbnf_accepts', 'copy_pattern', 'GenerationError', 'chat_messages', 'openai_client', 'openai_attempt',
-           'write_copy', 'offer_catalog', 'customer_context', 'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide',
-           'load_brand_guide', 'BrandScore', 'copy_text', 'brand_violations', 'brand_scores', 'clip_weights_available',
-           'ClipScorer', 'random_clip_scorer', 'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts',
-           'generate_endpoint', 'generate_cmd', 'plain_tokens_per_s', 'schema_valid', 'bench_route', 'bench_copy',
-           'bench_copy_cmd']
+           'CHANNEL_PHRASES', 'FIRST_PERSON_WORDS', 'FIRST_PERSON', 'MARKUP', 'DATE_NAMES', 'BENEFITS', 'RELATIVE_TIME',
+           'DANGLING', 'ALWAYS_ALLOWED_NAMES', 'VERSION_RE', 'ACTIVATE_LOCK_TIMEOUT_S', 'TOP_K', 'TOP_P', 'MIN_P',
+           'RETRY_TEMPERATURE_STEP', 'MAX_TEMPERATURE', 'RETRY_BUDGET_GROWTH', 'MAX_REJECTIONS', 'MAX_BACKTRACKS',
+           'MAX_WORD_CHARS', 'DECODE_BANNED', 'CHANNEL_DECODE_WORDS', 'SHOT_BRANDS', 'TIME_WORDS', 'CODE_WORDS',
+           'BODY_SENTENCE_WORDS', 'LOCAL_ROUTES', 'ATTEMPTS', 'BRAND_VIOLATION_PENALTY', 'CLIP_MODEL', 'router',
+           'copy_app', 'PLAIN_SAMPLES', 'n_words', 'CopyText', 'OfferCopy', 'PromptError', 'prompt_context',
+           'placeholders', 'render_prompt', 'offer_facts', 'number_problems', 'fact_problems', 'fact_check',
+           'EvalCriteria', 'FewShot', 'PromptVersion', 'Activation', 'ActiveFile', 'prompts_dir',
+           'UnknownPromptVersion', 'version_key', 'PromptRegistry', 'write_atomic', 'copy_grammar', 'mentions_offer',
+           'check_copy', 'RawCompletion', 'few_shot_prompt', 'DecodeRules', 'decode_rules', 'growing', 'new_problems',
+           'piece_ok', 'offer_and_customer', 'CopyDecoder', 'load_decoder', 'last_word_tokens', 'whole_sentences',
+           'without_dangling', 'skeleton_attempt', 'gbnf_attempt', 'local_attempt', 'gbnf_accepts', 'copy_pattern',
+           'GenerationError', 'chat_messages', 'openai_client', 'openai_attempt', 'write_copy', 'offer_catalog',
+           'customer_context', 'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide', 'load_brand_guide',
+           'BrandScore', 'copy_text', 'brand_violations', 'brand_scores', 'clip_weights_available', 'ClipScorer',
+           'random_clip_scorer', 'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts', 'generate_endpoint',
+           'generate_cmd', 'plain_tokens_per_s', 'schema_valid', 'bench_route', 'bench_copy', 'bench_copy_cmd']
 
 # %% ../nbs/04_generation.ipynb #8ec69637
 WORD_LIMITS = {"headline": 8, "body": 40, "cta": 5}  # hard limits of the contract; a prompt version may be stricter
@@ -135,6 +135,7 @@ FIRST_PERSON_WORDS = "I'm I've I'll I'd I myself mine my me we're we've we'll we
 FIRST_PERSON = r"\b(?:" + "|".join(FIRST_PERSON_WORDS) + r")\b"
 MARKUP = r"<[^>]*>|\*\*?|__|`|#|\[|\]|\{|\}|&[a-z]+;|\\|\n"
 DATE_NAMES = r"\b(?:Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)days?\b|\b(?:January|February|March|April|June|July|August|September|October|November|December|Christmas|Easter)\b"  # a date the offer never has ("May" is a verb too)
+BENEFITS = r"\b(?:free|gift cards?|gifts?|bonus(?:es)?|cash ?back|shipping|delivery|points?)\b"  # benefits besides the discount: offers here give none
 RELATIVE_TIME = {"today": 1, "tonight": 1, "tomorrow": 2, "this weekend": 7, "this week": 7, "this month": 31}  # max expiry days
 
 def _words(text: str) -> set[str]:
@@ -217,6 +218,7 @@ def fact_problems(copy,  # OfferCopy / CopyText / dict with headline, body, cta
             out += [(m[0], f"channel wording; the offer is {CHANNEL_WORDS.get(f['channel'], f['channel'])}") for m in re.finditer(pattern, own, re.I)
                     if not set(m[0].lower().split()) <= f["words"]]
     out += [(m[0], "first person; copy speaks to the customer as 'you'") for m in re.finditer(FIRST_PERSON, text, re.I)]
+    out += [(m[0], "a benefit the offer does not give") for m in re.finditer(BENEFITS, text, re.I) if m[0].lower() not in f["words"]]
     out += [(m[0], "markup") for m in re.finditer(MARKUP, text)]
     out += [(m[0], "truncated") for m in re.finditer(r"…|\.\.\.+", text)]
     if not final: return list(dict.fromkeys(out))
@@ -490,7 +492,8 @@ def _sampling(prompt: PromptVersion, attempt: int) -> dict:
                 max_tokens=int(prompt.max_tokens * (1 + RETRY_BUDGET_GROWTH * attempt)))
 
 # %% ../nbs/04_generation.ipynb #35b85a25
-MAX_REJECTIONS = 64  # refused samples at one step before the decoder gives the field up (fact_check and a retry decide then)
+MAX_REJECTIONS = 24  # refused samples at one step before the decoder takes the last word back (a dead end: "Take 14" on a 20% offer)
+MAX_BACKTRACKS = 4  # words taken back in one value before the decoder gives it up (fact_check and a retry decide then)
 MAX_WORD_CHARS = 24  # longest word the copy may contain (the grammar's word rule)
 DECODE_BANNED = re.compile(r'[\\<>*#`\[\]{}|$…\x00-\x1f]|\.\.')  # markup, escapes, money signs, ellipses, control characters
 CHANNEL_DECODE_WORDS = {"mobile": {"app", "apps", "mobile", "phone"}, "web": {"online", "website", "web", "site"},
@@ -647,6 +650,21 @@ def sampler(self: CopyDecoder, temperature: float, seed: int):
     s.add_top_k(TOP_K); s.add_top_p(TOP_P, 1); s.add_min_p(MIN_P, 1); s.add_temp(temperature); s.add_dist(seed)
     return s
 
+# %% ../nbs/04_generation.ipynb #c62db975
+@patch
+def back_up(self: CopyDecoder, n_tokens: int):  # how many of the last evaluated tokens to forget
+    "Drop the last `n_tokens` from the sequence and recompute the next-token logits where it now ends (one decode step)."
+    keep = self.llm.n_tokens - n_tokens
+    previous = int(self.llm.input_ids[keep - 1])
+    self.llm.n_tokens = keep - 1
+    self.llm.eval([previous])
+
+def last_word_tokens(pieces: list[str]) -> int:  # the pieces sampled so far in this value
+    "How many trailing pieces make up the last word (from the last piece that starts with a space)."
+    starts = [i for i, p in enumerate(pieces) if p[:1].isspace()]
+    return len(pieces) - (starts[-1] if starts else 0)
+
+# %% ../nbs/04_generation.ipynb #5efd64ae
 @patch
 def sample_field(self: CopyDecoder,
                  sampler,  # from `sampler()`
@@ -655,23 +673,32 @@ def sample_field(self: CopyDecoder,
                  text: str = "",  # the value so far (e.g. the headline prefix)
                  sentence_words: int | None = None,  # end after the first sentence this long
                  field: str = "body") -> tuple[str, int, bool]:  # which value: "headline", "body" or "cta"
-
     "Sample one JSON string value until the model closes the quote or the limit is reached: (value, tokens, ended cleanly)."
-    n = 0
+    n, tokens, pieces, dead_ends, backtracks = 0, [], [], {}, 0
     while True:
+        for t in dead_ends.get(text, ()): self.logits()[t] = -np.inf  # first tokens of words that led nowhere from here
         for _ in range(MAX_REJECTIONS):  # sample first, check that one token, refuse it and resample only when it breaks a rule
             token = sampler.sample(self.llm._ctx, -1)
             piece = self.piece(token)
             value = piece.split('"')[0] if piece is not None else None
-            if value is not None and piece_ok(rules, text, value, field) and (text or value): break
+            ends_badly = piece is not None and '"' in piece and field == "body" and (text + value).rstrip()[-1:] not in ".!?"
+            if value is not None and piece_ok(rules, text, value, field) and (text or value) and not ends_badly: break  # a body ends a sentence
             self.logits()[token] = -np.inf
-        else: return text, n, False
+        else:  # a dead end: take the last word back and forbid its first token here
+            if not pieces or backtracks == MAX_BACKTRACKS: return text, n, False
+            k = last_word_tokens(pieces)
+            text = text[: len(text) - len("".join(pieces[-k:]))]
+            dead_ends.setdefault(text, set()).add(tokens[-k])
+            del tokens[-k:], pieces[-k:]
+            self.back_up(k); backtracks += 1
+            continue
         if '"' in piece:  # the model closed the string: keep what came before the quote
             if value: self.eval_more(value)
             return text + value, n, True
         if n_words(text + piece) > max_words: return text, n, True  # the next word would break the limit
         if sentence_words and text[-1:] in ".!?" and piece[:1].isspace() and n_words(text) >= sentence_words: return text, n, True
         text, n = text + piece, n + 1
+        tokens.append(token); pieces.append(piece)
         self.llm.eval([token])
 
 # %% ../nbs/04_generation.ipynb #87b317ef
