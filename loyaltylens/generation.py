@@ -1142,7 +1142,7 @@ def bench_route(pairs: list, route: str, version: str | None = None, seed: int =
                 prompt_tokens_mean=float(np.mean([t[0][0].prompt_tokens for t in traces])), problems=[e for t in traces for _, e in t if e][:5])
 
 # %% ../nbs/04_generation.ipynb #9b2d10c1
-PLAIN_SAMPLES = 5  # plain completions timed before and after the routes
+PLAIN_SAMPLES = 3  # plain completions timed before and after the routes
 
 def bench_copy(n: int = 100,  # copies per route
                smoke: bool = True,  # customers/offers of the small world (the generator does not care about world size)
