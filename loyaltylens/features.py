@@ -258,17 +258,16 @@ def _segment_affinity(rng, n: int) -> tuple[np.ndarray, np.ndarray]:  # numpy Ge
 
 # %% ../nbs/01_features.ipynb #9e581639
 UPLIFT_MEAN = 1.2  # log-odds an offer adds to buying the campaign's category, for an average customer
-UPLIFT_ON_PRICE = 1.5  # more per unit of price sensitivity above its mean (½)
+UPLIFT_ON_PRICE = 0.7  # more per unit of price sensitivity above its mean (½)
 UPLIFT_ON_PROPENSITY = 0.6  # less per unit of baseline redemption log-odds above PROPENSITY_MEAN: habitual redeemers buy anyway
-UPLIFT_SD = 0.3  # customer-level noise of the effect no feature can see
-SLEEPING_DOG_SHARE = 0.08  # share of customers whom offers put off (more among in-store regulars)
+UPLIFT_SD = 0.2  # customer-level noise of the effect no feature can see
+SLEEPING_DOG_SHARE = 0.25  # share of in-store regulars (main channel in store) whom offers put off; nobody else
 SLEEPING_DOG_UPLIFT = -1.5  # their log-odds shift: offers make them buy less
 
 def _offer_response(rng, t: dict) -> dict:  # numpy Generator, traits so far (price sensitivity, propensity, channel mix)
     "World v2: each customer's `uplift` (log-odds an offer adds to buying its category) and whether offers put them off."
     n = t["price_sensitivity"].size
-    in_store = t["channel_mix"][:, 2] / (CHANNEL_CONCENTRATION[2] / sum(CHANNEL_CONCENTRATION))  # 1 = an average in-store share
-    dog = rng.random(n) < SLEEPING_DOG_SHARE * in_store
+    dog = (t["channel_mix"].argmax(1) == CHANNELS.index("in_store")) & (rng.random(n) < SLEEPING_DOG_SHARE)
     tau = (UPLIFT_MEAN + UPLIFT_ON_PRICE * (t["price_sensitivity"] - 0.5) - UPLIFT_ON_PROPENSITY * (t["propensity"] - PROPENSITY_MEAN)
            + rng.normal(0, UPLIFT_SD, n))
     return dict(uplift=np.where(dog, SLEEPING_DOG_UPLIFT, np.maximum(tau, 0)), sleeping_dog=dog)  # offers harm only sleeping dogs
