@@ -18,7 +18,8 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .core import BadInput, app, bench_app, demo_step, get_settings, workspace, workspace_lock
-from .features import CATEGORIES, CHANNELS, FEATURE_COLUMNS, archetype, default_store, default_world, observed_outcomes
+from .features import (CATEGORIES, CHANNELS, DEFAULT_WORLD, FEATURE_COLUMNS, SMOKE_WORLD, archetype, default_store, default_world,
+                                  observed_outcomes, world_config)
 from .propensity import Split, build_training_set, temporal_split
 
 # %% auto #0
@@ -247,7 +248,8 @@ def train_uplift(smoke: bool = False) -> UpliftBundle:  # the small SMOKE world
     from loyaltylens.propensity import default_model
     store, world = default_store(smoke), default_world(smoke)
     split = temporal_split(uplift_frame(store, world))
-    learners = {L.name: L().fit(split.train) for L in (TLearner, XLearner)}
+    from loyaltylens import uplift as package  # pickle the package's classes, also when this runs in the notebook
+    learners = {L.name: L().fit(split.train) for L in (package.TLearner, package.XLearner)}
     chosen = choose_learner(learners, split.valid)
     bundle = UpliftBundle(learners, chosen, evaluate_learners(learners, chosen, split, world, default_model(smoke).predict(split.test)))
     out = _uplift_dir(smoke)
@@ -261,12 +263,13 @@ def train_uplift(smoke: bool = False) -> UpliftBundle:  # the small SMOKE world
 _LOADED: dict[bool, UpliftBundle] = {}
 
 def default_uplift(smoke: bool = False, train_if_missing: bool = False) -> UpliftBundle:
-    "The saved uplift bundle; FileNotFoundError naming the command when there is none (unless `train_if_missing`)."
+    "The saved uplift bundle of the default world; FileNotFoundError naming the command when there is none or it is stale (unless `train_if_missing`)."
     if smoke in _LOADED: return _LOADED[smoke]
     import joblib
     with workspace_lock(f"uplift-{'smoke' if smoke else 'full'}"):
         path = _uplift_dir(smoke)
-        if not (path / "bundle.json").exists():
+        wanted = world_config(**(SMOKE_WORLD if smoke else DEFAULT_WORLD))  # a bundle of another world (an older generator) is stale
+        if not (path / "bundle.json").exists() or json.loads((path / "bundle.json").read_text()).get("world") != wanted:
             if not train_if_missing: raise FileNotFoundError(f"no uplift model: run `{TRAIN_UPLIFT_COMMAND}{' --smoke' if smoke else ''}`")
             train_uplift(smoke)
         meta = json.loads((path / "bundle.json").read_text())
