@@ -665,7 +665,9 @@ def _mean_redeem_chance(truth: pd.DataFrame, offers: pd.DataFrame, mood: np.ndar
 @patch
 def label_probability(self: World, customer_ids,  # customers
                       as_of,  # the label window starts here
-                      horizon_days: int = 30) -> np.ndarray:  # the label window [as_of, as_of + horizon)
+                      horizon_days: int = 30,  # the label window [as_of, as_of + horizon)
+                      know_holdout: bool = True,  # False: as if every customer were treated (the holdout is random, unobservable)
+                      know_mood: bool = True) -> np.ndarray:  # False: mood 0 (this month's mood is latent)
     "The oracle propensity: the world's own chance that each customer redeems at least once in the window. Evaluation only."
     ids = [str(c) for c in np.atleast_1d(customer_ids)]
     truth, offers, cal = self.load_truth().set_index("customer_id").loc[ids], self.load_offers(), _Calendar(self.config)
@@ -680,10 +682,10 @@ def label_probability(self: World, customer_ids,  # customers
     expected, chance = np.zeros(len(ids)), {}
     for d in range(max(0, int(np.floor(a)) - ORACLE_LOOKBACK_DAYS), min(cal.n_days, int(np.ceil(a + horizon_days)))):
         m = cal.month_of_day[d]
-        if m not in chance: chance[m] = _mean_redeem_chance(truth, offers, truth[f"mood_{m:02d}"].to_numpy())
+        if m not in chance: chance[m] = _mean_redeem_chance(truth, offers, truth[f"mood_{m:02d}"].to_numpy() * know_mood)
         v = d + hours[None, :]  # views at each hour of day d, weighted by the daily curve
         inside = ((cdf(b[:, None] - v) - cdf(a - v)) * _HOUR_P[None, :]).sum(1)
-        expected += rate * ((signup <= d) & (d < churn)) * treated[:, m] * chance[m] * inside
+        expected += rate * ((signup <= d) & (d < churn)) * (treated[:, m] if know_holdout else 1) * chance[m] * inside
     return 1 - np.exp(-expected)
 
 

@@ -204,8 +204,10 @@ def oracle_auc_table(test: pd.DataFrame,  # module 2's test rows (customer_id, a
                      model_scores: dict) -> pd.DataFrame:  # {model: probability per test row}
     "Test-month AUC of each model beside the oracle's (the world's own label probability), and each as a share of the oracle."
     from sklearn.metrics import roc_auc_score
-    oracle = world.label_probability(test.customer_id, test.as_of.iloc[0])
-    aucs = {**{k: roc_auc_score(test.label, s) for k, s in model_scores.items()}, "oracle (world's own probability)": roc_auc_score(test.label, oracle)}
+    oracle = lambda **knows: roc_auc_score(test.label, world.label_probability(test.customer_id, test.as_of.iloc[0], **knows))
+    aucs = {**{k: roc_auc_score(test.label, s) for k, s in model_scores.items()},
+            "oracle without this month's holdout and mood": oracle(know_holdout=False, know_mood=False),
+            "oracle without this month's holdout": oracle(know_holdout=False), "oracle (world's own probability)": oracle()}
     out = pd.DataFrame({"AUC": aucs})
     out["share of oracle"] = out.AUC / out.AUC.iloc[-1]
     return out
