@@ -17,19 +17,19 @@ import typer
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .core import BadInput, app, bench_app, demo_step, get_settings, workspace, workspace_lock
-from .features import (CATEGORIES, CHANNELS, DEFAULT_WORLD, FEATURE_COLUMNS, SMOKE_WORLD, archetype, default_store, default_world,
+from .core import app, bench_app, demo_step, get_settings, workspace, workspace_lock
+from .features import (CATEGORIES, CHANNELS, DEFAULT_WORLD, FEATURE_COLUMNS, SMOKE_WORLD, default_store, default_world,
                                   observed_outcomes, world_config)
 from .propensity import Split, build_training_set, temporal_split
 
 # %% auto #0
 __all__ = ['HISTORY_COLUMNS', 'UPLIFT_COLUMNS', 'HISTORY_SQL', 'UPLIFT_GBDT_MAX_ITER', 'TARGET_SHARE', 'ORACLE_GOAL',
-           'WORLD_V1_FIGURES', 'TRAIN_UPLIFT_COMMAND', 'MAX_UPLIFT_ROWS', 'router', 'uplift_app', 'category_history',
-           'response_history', 'uplift_frame', 'uplift_design', 'TLearner', 'XLearner', 'pehe', 'qini_curve', 'auuc',
-           'auuc_share', 'observed_qini', 'choose_learner', 'targeting_table', 'oracle_auc_table', 'UpliftBundle',
-           'evaluate_learners', 'train_uplift', 'default_uplift', 'evaluate_uplift', 'UpliftRow', 'UpliftRequest',
-           'UpliftResponse', 'current_uplift', 'uplift_predict', 'uplift_train_cmd', 'uplift_evaluate_cmd',
-           'bench_uplift']
+           'WORLD_V1_FIGURES', 'TRAIN_UPLIFT_COMMAND', 'FIELD_MAX', 'MAX_UPLIFT_ROWS', 'router', 'uplift_app',
+           'category_history', 'response_history', 'uplift_frame', 'uplift_design', 'TLearner', 'XLearner', 'pehe',
+           'qini_curve', 'auuc', 'auuc_share', 'observed_qini', 'choose_learner', 'targeting_table', 'oracle_auc_table',
+           'UpliftBundle', 'evaluate_learners', 'train_uplift', 'default_uplift', 'evaluate_uplift', 'UpliftRow',
+           'UpliftRequest', 'UpliftResponse', 'current_uplift', 'uplift_predict', 'uplift_train_cmd',
+           'uplift_evaluate_cmd', 'bench_uplift']
 
 # %% ../nbs/02a_uplift.ipynb #5ae9daaf
 HISTORY_COLUMNS = ["category_purchases_90d", "category_share_90d", "category_rate_30d", "tenure_days",
@@ -283,21 +283,23 @@ def evaluate_uplift(smoke: bool = False) -> dict:
     return default_uplift(smoke, train_if_missing=True).figures
 
 # %% ../nbs/02a_uplift.ipynb #52419070
+FIELD_MAX = 1e9  # bounds every count, amount and day number of a request: nothing overflows, nothing answers 500
+
 class UpliftRow(BaseModel):
     "One customer-month: the six features, the campaign's category, and what the business observed about that category."
     model_config = ConfigDict(extra="forbid")
     customer_id: str | None = Field(None, max_length=64)  # echoed back when given
-    recency_days: int = Field(ge=0)
-    frequency_30d: int = Field(ge=0)
-    monetary_90d: float = Field(ge=0, allow_inf_nan=False)
+    recency_days: int = Field(ge=0, le=FIELD_MAX)
+    frequency_30d: int = Field(ge=0, le=FIELD_MAX)
+    monetary_90d: float = Field(ge=0, le=FIELD_MAX, allow_inf_nan=False)
     offer_redemption_rate: float = Field(ge=0, le=1, allow_inf_nan=False)
     channel_preference: Literal[CHANNELS]
     engagement_score: float = Field(ge=0, le=1, allow_inf_nan=False)
     category: Literal[CATEGORIES]  # the campaign's category
-    category_purchases_90d: int = Field(ge=0)
+    category_purchases_90d: int = Field(ge=0, le=FIELD_MAX)
     category_share_90d: float = Field(ge=0, le=1, allow_inf_nan=False)
-    category_rate_30d: float = Field(ge=0, allow_inf_nan=False)
-    tenure_days: int = Field(ge=0)
+    category_rate_30d: float = Field(ge=0, le=FIELD_MAX, allow_inf_nan=False)
+    tenure_days: int = Field(ge=0, le=FIELD_MAX)
     past_treated_rate: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # None: never treated before
     past_holdout_rate: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)  # None: never held out before
 
@@ -331,7 +333,9 @@ def uplift_predict(req: UpliftRequest, bundle: UpliftBundle = Depends(current_up
     df = pd.DataFrame([r.model_dump() for r in req.rows])
     df["past_response"] = df.past_treated_rate - df.past_holdout_rate
     df[["past_treated_rate", "past_holdout_rate", "past_response"]] = df[["past_treated_rate", "past_holdout_rate", "past_response"]].astype(float)
-    return UpliftResponse(learner=bundle.chosen, uplift=bundle.effect(df).round(6).tolist(), customer_ids=df.customer_id.tolist())
+    try: effect = bundle.effect(df)
+    except ValueError as e: raise HTTPException(422, str(e))
+    return UpliftResponse(learner=bundle.chosen, uplift=effect.round(6).tolist(), customer_ids=df.customer_id.tolist())
 
 # %% ../nbs/02a_uplift.ipynb #c257c81d
 uplift_app = typer.Typer(no_args_is_help=True, help="Uplift: who buys because of the offer, scored against the world's truth.")
