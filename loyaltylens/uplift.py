@@ -215,7 +215,7 @@ def oracle_auc_table(test: pd.DataFrame,  # module 2's test rows (customer_id, a
 # %% ../nbs/02a_uplift.ipynb #9175b347
 WORLD_V1_FIGURES = {  # default scale (50,000 customers), world v1, measured before issue 17 (commit 0e9f8e7)
     "TabTransformer test AUC": 0.8221, "gradient boosting test AUC": 0.8246, "logistic regression test AUC": 0.8111,
-    "TabTransformer ECE": 0.0050, "adapted - base MiniLM P@5 (points)": 0.7}
+    "TabTransformer ECE": 0.0050}
 
 # %% ../nbs/02a_uplift.ipynb #6be5f616
 def _uplift_dir(smoke: bool) -> Path: return workspace("models") / ("uplift-smoke" if smoke else "uplift")
