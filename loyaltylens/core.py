@@ -363,6 +363,22 @@ GLOSSARY |= {  # retrieval
     "MNRL": "Multiple negatives ranking loss: a contrastive loss where each (anchor, positive) pair treats the other positives in the batch as negatives.",
 }
 
+# %% ../nbs/00_core.ipynb #2d51615e
+GLOSSARY |= {  # uplift (notebook 02a)
+    "Uplift": "The difference an offer makes to one customer: P(buy | offer) − P(buy | no offer), also called the conditional average treatment effect (CATE).",
+    "Randomized holdout": "Customers the campaign leaves out at random each month; comparing them with the treated measures what offers cause.",
+    "Persuadables": "Customers who buy because of the offer: a large positive uplift.",
+    "Sure things": "Customers who buy anyway: the offer changes little and costs a discount.",
+    "Lost causes": "Customers who do not buy either way.",
+    "Sleeping dogs": "Customers who buy less when contacted: a negative uplift.",
+    "T-learner": "An uplift model of two outcome models, one fitted on the treated and one on the holdout; the uplift is their difference.",
+    "X-learner": "The T-learner's two models, then a model of each arm's imputed effects, blended by the treatment share (Künzel et al. 2019).",
+    "PEHE": "Precision in estimating heterogeneous effects: the root mean squared error of estimated vs true per-customer uplift.",
+    "Qini curve": "Incremental purchases when targeting the top share of customers ranked by a score, plotted against that share.",
+    "AUUC": "Area under the uplift (Qini) curve; here reported as a share of the oracle's area above the random line.",
+    "Oracle": "A ranking by the world's own truth (true effects or true probabilities): the ceiling no model of the features can beat on average.",
+}
+
 # %% ../nbs/00_core.ipynb #e0ae78a3
 GLOSSARY |= {  # language models and LLMOps
     "Base model": "A language model trained only to continue text; it follows patterns (few-shot prompts), not instructions.",

@@ -21,27 +21,32 @@ from fastapi.responses import JSONResponse
 from .core import path_argument, path_option, BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
 
 # %% auto #0
-__all__ = ['CHANNELS', 'EVENT_TYPES', 'EVENT_COLUMNS', 'FEATURE_COLUMNS', 'OFFER_COLUMNS', 'OFFER_VOCAB', 'CATEGORIES',
-           'GENERATOR_VERSION', 'AFFINITY_WEIGHT', 'AFFINITY_FLOOR', 'DISCOUNT_WEIGHT', 'CHANNEL_MATCH_BONUS',
-           'WEEKDAY_WEIGHTS', 'YEARLY_AMPLITUDE', 'YEARLY_PEAK_DAY', 'ACTIVITY_MEDIAN', 'ACTIVITY_LOG_SD',
-           'ACTIVITY_ON_ENGAGEMENT', 'SPEND_MEDIAN', 'SPEND_LOG_SD', 'PRICE_SENSITIVITY_BETA', 'PROPENSITY_MEAN',
-           'PROPENSITY_SD', 'PROPENSITY_ON_ENGAGEMENT', 'AFFINITY_CONCENTRATION', 'CHANNEL_CONCENTRATION',
-           'EXISTING_MEMBER_SHARE', 'LIFETIME_MEDIAN_DAYS', 'LIFETIME_LOG_SD', 'TARGETING_NOISE', 'MOOD_RHO', 'MOOD_SD',
-           'BASKET_NOISE', 'APP_OPENS_BASE', 'APP_OPENS_PER_PURCHASE', 'VIEWS_BASE', 'VIEWS_MOBILE', 'TARGETED_SHARE',
-           'REDEEM_DELAY_HOURS', 'SMOKE_WORLD', 'DEFAULT_WORLD', 'ENGAGEMENT_WEIGHTS', 'RECENCY_CAP_DAYS',
-           'FREQUENCY_CAP', 'MONETARY_CAP', 'router', 'data_app', 'features_app', 'make_offers', 'world_config',
-           'config_hash', 'peak_rss_mb', 'World', 'generate_world', 'default_world', 'DataValidationError',
-           'validate_events', 'compute_features', 'feature_schema', 'validate_features', 'schema_hash', 'FeatureStore',
-           'build_snapshot', 'build_monthly', 'default_store', 'served_store', 'feature_versions', 'feature_stats',
-           'customer_features', 'default_store_path', 'cli_generate', 'cli_build', 'cli_versions', 'cli_get',
-           'cli_stats', 'cli_diff', 'serve_subprocess', 'bench_features', 'cli_bench_features']
+__all__ = ['CHANNELS', 'EVENT_TYPES', 'EVENT_COLUMNS', 'FEATURE_COLUMNS', 'OFFER_COLUMNS', 'ASSIGNMENT_COLUMNS', 'OFFER_VOCAB',
+           'CATEGORIES', 'GENERATOR_VERSION', 'AFFINITY_WEIGHT', 'AFFINITY_FLOOR', 'DISCOUNT_WEIGHT',
+           'CHANNEL_MATCH_BONUS', 'WEEKDAY_WEIGHTS', 'YEARLY_AMPLITUDE', 'YEARLY_PEAK_DAY', 'LIFESTYLE_SEGMENTS',
+           'SEGMENTS', 'SEGMENT_CONCENTRATION', 'OWN_TASTE_SHARE', 'AFFINITY_CONCENTRATION', 'UPLIFT_MEAN',
+           'UPLIFT_ON_PRICE', 'UPLIFT_ON_PROPENSITY', 'UPLIFT_SD', 'SLEEPING_DOG_SHARE', 'SLEEPING_DOG_UPLIFT',
+           'ACTIVITY_MEDIAN', 'ACTIVITY_LOG_SD', 'ACTIVITY_ON_ENGAGEMENT', 'SPEND_MEDIAN', 'SPEND_LOG_SD',
+           'PRICE_SENSITIVITY_BETA', 'PROPENSITY_MEAN', 'PROPENSITY_SD', 'PROPENSITY_ON_ENGAGEMENT',
+           'CHANNEL_CONCENTRATION', 'EXISTING_MEMBER_SHARE', 'LIFETIME_MEDIAN_DAYS', 'LIFETIME_LOG_SD',
+           'TARGETING_NOISE', 'MOOD_RHO', 'MOOD_SD', 'BASKET_NOISE', 'APP_OPENS_BASE', 'APP_OPENS_PER_PURCHASE',
+           'VIEWS_BASE', 'VIEWS_MOBILE', 'TARGETED_SHARE', 'REDEEM_DELAY_HOURS', 'HOLDOUT_SHARE', 'SMOKE_WORLD',
+           'DEFAULT_WORLD', 'SURE_THING_P', 'PERSUADABLE_LIFT', 'ORACLE_LOOKBACK_DAYS', 'ENGAGEMENT_WEIGHTS',
+           'RECENCY_CAP_DAYS', 'FREQUENCY_CAP', 'MONETARY_CAP', 'router', 'data_app', 'features_app', 'make_offers',
+           'world_config', 'config_hash', 'peak_rss_mb', 'World', 'generate_world', 'default_world', 'archetype',
+           'observed_outcomes', 'DataValidationError', 'validate_events', 'compute_features', 'feature_schema',
+           'validate_features', 'schema_hash', 'FeatureStore', 'build_snapshot', 'build_monthly', 'default_store',
+           'served_store', 'feature_versions', 'feature_stats', 'customer_features', 'default_store_path',
+           'cli_generate', 'cli_build', 'cli_versions', 'cli_get', 'cli_stats', 'cli_diff', 'serve_subprocess',
+           'bench_features', 'cli_bench_features']
 
 # %% ../nbs/01_features.ipynb #bf62754d
 CHANNELS = ("mobile", "web", "in_store")
 EVENT_TYPES = ("purchase", "app_open", "offer_view", "redeem")
-EVENT_COLUMNS = ["customer_id", "event_type", "timestamp", "amount", "offer_id", "channel"]
+EVENT_COLUMNS = ["customer_id", "event_type", "timestamp", "amount", "offer_id", "channel", "category"]  # category: world v2, nullable
 FEATURE_COLUMNS = ["recency_days", "frequency_30d", "monetary_90d", "offer_redemption_rate", "channel_preference", "engagement_score"]
 OFFER_COLUMNS = ["offer_id", "title", "description", "category", "channel", "discount_pct", "expiry_days", "min_propensity"]
+ASSIGNMENT_COLUMNS = ["customer_id", "month", "period_start", "treated", "category"]  # world v2: the campaign's monthly holdout, its own table
 
 # %% ../nbs/01_features.ipynb #6a138cf9
 _VOCAB_EVERYDAY: dict[str, dict[str, list[str]]] = {  # category -> brands, products, occasions
@@ -140,7 +145,7 @@ def make_offers(n_offers: int = 200,  # catalog size (notebook 03 asks for 20,00
     return df[OFFER_COLUMNS]
 
 # %% ../nbs/01_features.ipynb #999b69de
-GENERATOR_VERSION = 1  # bump when the generator's output changes: it is part of every config, so caches follow
+GENERATOR_VERSION = 2  # bump when the generator's output changes: it is part of every config, so caches follow
 
 def world_config(customers: int = 50_000,  # number of customers
                  months: int = 12,  # length of the world in calendar months
@@ -201,6 +206,7 @@ class _Calendar:
         month_starts = [(self.start + pd.DateOffset(months=k) - self.start).days for k in range(cfg["months"] + 1)]
         self.month_of_day = np.searchsorted(month_starts, np.arange(self.n_days), side="right") - 1
         self.shift_day = month_starts[cfg["shift_from_month"]]
+        self.month_starts, self.months = np.array(month_starts), cfg["months"]  # day each month starts (+ the end), month count
         shift = np.where(np.arange(self.n_days) >= self.shift_day, 1 + cfg["activity_shift"], 1.0)
         self.cum_season = np.concatenate([[0], np.cumsum(weekly * yearly * shift)])  # purchases, app opens
         self.cum_flat = np.arange(self.n_days + 1, dtype=float)  # campaign sends: flat in time
@@ -228,6 +234,45 @@ def _time_of_day_us(rng, n):  # a numpy Generator, how many times
     "Random times of day in µs after midnight, hours drawn from `_HOUR_P`."
     return (rng.choice(24, n, p=_HOUR_P) * 3600 + rng.integers(0, 3600, n)) * 1_000_000
 
+# %% ../nbs/01_features.ipynb #8c9aef05
+LIFESTYLE_SEGMENTS = {  # segment -> its category profile (shares sum to 1): what ties categories together
+    "commuters": dict(coffee=0.5, fuel=0.4, dining=0.1),
+    "young families": dict(grocery=0.45, home=0.3, entertainment=0.25),
+    "home cooks": dict(grocery=0.55, home=0.3, dining=0.15),
+    "travellers": dict(travel=0.5, dining=0.3, fuel=0.2),
+    "style seekers": dict(fashion=0.5, beauty=0.4, electronics=0.1),
+    "tech fans": dict(electronics=0.55, entertainment=0.45),
+}
+SEGMENTS = tuple(LIFESTYLE_SEGMENTS)
+SEGMENT_CONCENTRATION = 0.3  # Dirichlet concentration of a customer's segment mix; below 1: most belong mainly to one
+OWN_TASTE_SHARE = 0.3  # share of affinity that is the customer's own taste (a Dirichlet over categories), not their segments'
+AFFINITY_CONCENTRATION = 0.4  # Dirichlet concentration per category of the own taste; below 1: a couple of favourites
+
+def _segment_affinity(rng, n: int) -> tuple[np.ndarray, np.ndarray]:  # numpy Generator, customers
+    "(segment mix [n, segments], category affinity [n, categories]): segment profiles mixed, plus the customer's own taste."
+    profiles = np.array([[LIFESTYLE_SEGMENTS[s].get(c, 0.0) for c in CATEGORIES] for s in SEGMENTS])
+    mix = rng.dirichlet(np.full(len(SEGMENTS), SEGMENT_CONCENTRATION), n)
+    own = rng.dirichlet(np.full(len(CATEGORIES), AFFINITY_CONCENTRATION), n)
+    return mix, (1 - OWN_TASTE_SHARE) * mix @ profiles + OWN_TASTE_SHARE * own
+
+
+# %% ../nbs/01_features.ipynb #9e581639
+UPLIFT_MEAN = 1.2  # log-odds an offer adds to buying the campaign's category, for an average customer
+UPLIFT_ON_PRICE = 0.7  # more per unit of price sensitivity above its mean (½)
+UPLIFT_ON_PROPENSITY = 0.6  # less per unit of baseline redemption log-odds above PROPENSITY_MEAN: habitual redeemers buy anyway
+UPLIFT_SD = 0.2  # customer-level noise of the effect no feature can see
+SLEEPING_DOG_SHARE = 0.25  # share of in-store regulars (main channel in store) whom offers put off; nobody else
+SLEEPING_DOG_UPLIFT = -1.5  # their log-odds shift: offers make them buy less
+
+def _offer_response(rng, t: dict) -> dict:  # numpy Generator, traits so far (price sensitivity, propensity, channel mix)
+    "World v2: each customer's `uplift` (log-odds an offer adds to buying its category) and whether offers put them off."
+    n = t["price_sensitivity"].size
+    dog = (t["channel_mix"].argmax(1) == CHANNELS.index("in_store")) & (rng.random(n) < SLEEPING_DOG_SHARE)
+    tau = (UPLIFT_MEAN + UPLIFT_ON_PRICE * (t["price_sensitivity"] - 0.5) - UPLIFT_ON_PROPENSITY * (t["propensity"] - PROPENSITY_MEAN)
+           + rng.normal(0, UPLIFT_SD, n))
+    return dict(uplift=np.where(dog, SLEEPING_DOG_UPLIFT, np.maximum(tau, 0)), sleeping_dog=dog)  # offers harm only sleeping dogs
+
+
 # %% ../nbs/01_features.ipynb #f851501f
 ACTIVITY_MEDIAN, ACTIVITY_LOG_SD = 0.9, 0.6  # purchases per week: median and log-normal spread
 ACTIVITY_ON_ENGAGEMENT = 0.35  # log-activity per unit of the shared engagement factor z
@@ -235,7 +280,6 @@ SPEND_MEDIAN, SPEND_LOG_SD = 22, 0.55  # typical basket: median and log-normal s
 PRICE_SENSITIVITY_BETA = (2, 2)  # Beta(a, b) of price sensitivity: centred on 0.5, rarely 0 or 1
 PROPENSITY_MEAN, PROPENSITY_SD = -2.6, 1.0  # baseline log-odds of redeeming a viewed offer
 PROPENSITY_ON_ENGAGEMENT = 0.25  # log-odds per unit of z: engaged customers redeem a bit more
-AFFINITY_CONCENTRATION = 0.4  # Dirichlet concentration per category; below 1: most customers love two or three
 CHANNEL_CONCENTRATION = [2.0, 1.4, 1.6]  # Dirichlet of the channel mix (mobile, web, in store)
 EXISTING_MEMBER_SHARE = 0.75  # members at the start; the rest sign up on a uniform day during the world
 LIFETIME_MEDIAN_DAYS, LIFETIME_LOG_SD = 700, 0.6  # mean days to churn: log-normal across customers, exponential within
@@ -246,11 +290,12 @@ def _customer_traits(rng, n: int, cal: _Calendar, months: int) -> dict:  # numpy
     "Latent traits of `n` customers (the hidden truth)."
     K = len(CATEGORIES)
     z = rng.normal(size=n)  # a shared "engagement" factor
+    segment_mix, affinity = _segment_affinity(rng, n)
     t = dict(activity=np.exp(rng.normal(np.log(ACTIVITY_MEDIAN) + ACTIVITY_ON_ENGAGEMENT * z, ACTIVITY_LOG_SD)),
              spend=np.exp(rng.normal(np.log(SPEND_MEDIAN), SPEND_LOG_SD, n)),
              price_sensitivity=rng.beta(*PRICE_SENSITIVITY_BETA, n),
              propensity=rng.normal(PROPENSITY_MEAN + PROPENSITY_ON_ENGAGEMENT * z, PROPENSITY_SD),
-             affinity=rng.dirichlet(np.full(K, AFFINITY_CONCENTRATION), n),
+             affinity=affinity, segment_mix=segment_mix,
              channel_mix=rng.dirichlet(CHANNEL_CONCENTRATION, n))
     existing = rng.random(n) < EXISTING_MEMBER_SHARE
     t["signup_day"] = np.where(existing, 0, rng.integers(0, cal.n_days, n))
@@ -262,14 +307,15 @@ def _customer_traits(rng, n: int, cal: _Calendar, months: int) -> dict:  # numpy
     mood[:, 0] = rng.normal(0, MOOD_SD, n)
     for m in range(1, months): mood[:, m] = MOOD_RHO * mood[:, m - 1] + np.sqrt(1 - MOOD_RHO**2) * rng.normal(0, MOOD_SD, n)
     t["mood"] = mood
+    t.update(_offer_response(rng, t))  # world v2
     return t
 
 # %% ../nbs/01_features.ipynb #ab730234
-def _event_block(idx, etype: int, ts, amount=None, offer=None, channel=None) -> tuple:  # columns of one kind of event
-    "Events of one type as numpy columns: customer index, type code, µs timestamp, amount, offer index (-1 = none), channel code."
+def _event_block(idx, etype: int, ts, amount=None, offer=None, channel=None, category=None) -> tuple:  # columns of one kind of event
+    "Events of one type as numpy columns: customer index, type code, µs timestamp, amount, offer index (-1 = none), channel code, category code (-1 = none)."
     m = idx.size
     return (idx, np.full(m, etype, np.int8), ts, np.full(m, np.nan) if amount is None else amount,
-            np.full(m, -1, np.int64) if offer is None else offer, channel)
+            np.full(m, -1, np.int64) if offer is None else offer, channel, np.full(m, -1, np.int8) if category is None else category)
 
 def _stamp(rng, cal: _Calendar, day):  # numpy Generator, the world's calendar, event days
     "µs timestamps of events on `day`: the day's midnight plus a random time of day."
@@ -278,14 +324,22 @@ def _stamp(rng, cal: _Calendar, day):  # numpy Generator, the world's calendar, 
 # %% ../nbs/01_features.ipynb #b618d449
 BASKET_NOISE = (-0.1, 0.45)  # log-normal (mean, sd) of one basket around the customer's typical spend
 
-def _purchases(rng, t: dict, cal: _Calendar, cfg: dict) -> tuple:  # Generator, traits, calendar, world config
-    "Purchases: a seasonal Poisson process at the customer's activity, channel from their mix, basket from their spend."
-    idx, day = _draw_days(rng, t["activity"] / 7, cal.cum_season, t["signup_day"], t["churn_day"])
+def _baskets(rng, t: dict, cal: _Calendar, cfg: dict, idx, day) -> tuple:  # Generator, traits, calendar, config, purchases' customers and days
+    "(amount, channel code) of purchases: basket around the customer's spend (with the spend drift knob), channel from their mix."
     cum_mix = t["channel_mix"].cumsum(1)[idx]
     ch = (rng.random(idx.size)[:, None] > cum_mix[:, :2]).sum(1).astype(np.int8)
-    amount = np.round(t["spend"][idx] * rng.lognormal(*BASKET_NOISE, idx.size)
-                      * np.where(day >= cal.shift_day, 1 + cfg["spend_shift"], 1.0), 2)  # the spend drift knob
-    return _event_block(idx, 0, _stamp(rng, cal, day), amount=amount, channel=ch)
+    amount = np.round(t["spend"][idx] * rng.lognormal(*BASKET_NOISE, idx.size) * np.where(day >= cal.shift_day, 1 + cfg["spend_shift"], 1.0), 2)
+    return amount, ch
+
+def _purchases(rng, t: dict, cal: _Calendar, cfg: dict) -> tuple:  # Generator, traits, calendar, world config
+    "Organic purchases: per category a seasonal Poisson process at activity × affinity (offer or not); basket and channel per purchase."
+    parts = [(*_draw_days(rng, t["activity"] / 7 * t["affinity"][:, k], cal.cum_season, t["signup_day"], t["churn_day"]), k)
+             for k in range(len(CATEGORIES))]
+    idx, day = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    cat = np.concatenate([np.full(p[0].size, p[2], np.int8) for p in parts])
+    amount, ch = _baskets(rng, t, cal, cfg, idx, day)
+    return _event_block(idx, 0, _stamp(rng, cal, day), amount=amount, channel=ch, category=cat)
+
 
 # %% ../nbs/01_features.ipynb #0b46d905
 APP_OPENS_BASE, APP_OPENS_PER_PURCHASE = 0.4, 1.5  # weekly app opens of a mobile-only customer: base + per weekly purchase
@@ -300,10 +354,12 @@ def _app_opens(rng, t: dict, cal: _Calendar) -> tuple:  # Generator, traits, cal
 VIEWS_BASE, VIEWS_MOBILE = 0.5, 0.9  # offers shown per week: base + extra for a mobile-only customer
 TARGETED_SHARE = 0.5  # share of views targeted at the campaign's guess of the favourite category; the rest are random
 
-def _offer_views(rng, t: dict, cal: _Calendar, offers: pd.DataFrame) -> tuple:  # Generator, traits, calendar, catalog
-    "Views from the campaign policy: the event block, and the views' columns the redemptions need."
+def _offer_views(rng, t: dict, cal: _Calendar, offers: pd.DataFrame,  # Generator, traits, calendar, catalog
+                 treated: np.ndarray | None = None) -> tuple:  # [customers, months] assignments; None = everyone treated
+    "Views from the campaign policy (none in a holdout month): the event block, and the views' columns the redemptions need."
     view_rate = (VIEWS_BASE + VIEWS_MOBILE * t["channel_mix"][:, 0]) / 7
     idx, day = _draw_days(rng, view_rate, cal.cum_flat, t["signup_day"], t["churn_day"])
+    if treated is not None: idx, day = (a[treated[idx, cal.month_of_day[day]]] for a in (idx, day))  # the holdout sees no offers
     cat_code = pd.Categorical(offers.category, categories=CATEGORIES).codes
     order = np.argsort(cat_code, kind="stable")  # offers grouped by category
     counts = np.bincount(cat_code, minlength=len(CATEGORIES))
@@ -311,7 +367,7 @@ def _offer_views(rng, t: dict, cal: _Calendar, offers: pd.DataFrame) -> tuple:  
     cat = np.where(rng.random(idx.size) < TARGETED_SHARE, t["target_category"][idx], rng.integers(0, len(CATEGORIES), idx.size))
     offer = order[starts[cat] + (rng.random(idx.size) * counts[cat]).astype(np.int64)]  # uniform within the category
     ochan = pd.Categorical(offers.channel, categories=CHANNELS).codes.astype(np.int8)[offer]
-    block = _event_block(idx, 2, _stamp(rng, cal, day), offer=offer, channel=ochan)
+    block = _event_block(idx, 2, _stamp(rng, cal, day), offer=offer, channel=ochan, category=cat.astype(np.int8))
     return block, dict(idx=idx, day=day, cat=cat, offer=offer, channel=ochan, ts=block[2])
 
 # %% ../nbs/01_features.ipynb #b01e7b76
@@ -327,18 +383,63 @@ def _redemptions(rng, t: dict, cal: _Calendar, offers: pd.DataFrame, seen: dict)
     red_ts = seen["ts"] + delay_us
     stop_us = cal.start_us + t["churn_day"][idx] * _DAY_US
     keep = (rng.random(idx.size) < p) & (delay_us < offers.expiry_days.to_numpy()[offer] * _DAY_US) & (red_ts < stop_us)
-    return _event_block(idx[keep], 3, red_ts[keep], offer=offer[keep], channel=seen["channel"][keep])
+    return _event_block(idx[keep], 3, red_ts[keep], offer=offer[keep], channel=seen["channel"][keep], category=seen["cat"][keep].astype(np.int8))
+
+# %% ../nbs/01_features.ipynb #6fdec987
+HOLDOUT_SHARE = 0.1  # customers the campaign leaves out each month, drawn at random: the randomized holdout
+
+def _assignments(rng, n: int, months: int) -> np.ndarray:  # numpy Generator, customers, months
+    "Treated (True) or holdout (False) per customer and month: a fresh randomized draw every month."
+    return rng.random((n, months)) >= HOLDOUT_SHARE
+
+
+# %% ../nbs/01_features.ipynb #55e79744
+def _month_windows(t: dict, cal: _Calendar) -> tuple[np.ndarray, np.ndarray]:  # traits, calendar
+    "First and last+1 active day of every customer in every month, [customers, months] each (equal when inactive)."
+    lo = np.maximum(cal.month_starts[None, :-1], t["signup_day"][:, None])
+    return lo, np.maximum(np.minimum(cal.month_starts[None, 1:], t["churn_day"][:, None]), lo)
+
+def _logit(p): p = np.clip(p, 1e-12, 1 - 1e-12); return np.log(p) - np.log1p(-p)
+
+def _purchase_probabilities(t: dict, cal: _Calendar) -> tuple[np.ndarray, np.ndarray]:  # traits, calendar
+    "(p_control, p_treated) [customers, months]: chance of buying the campaign's category in the month, without and with offers."
+    lo, hi = _month_windows(t, cal)
+    rate = t["activity"] / 7 * t["affinity"][np.arange(t["activity"].size), t["target_category"]]
+    p0 = 1 - np.exp(-rate[:, None] * (cal.cum_season[hi] - cal.cum_season[lo]))
+    return p0, np.where(hi > lo, _sigmoid(_logit(p0) + t["uplift"][:, None]), 0.0)
+
+
+# %% ../nbs/01_features.ipynb #3a5ef6eb
+def _campaign_purchases(rng, t: dict, cal: _Calendar, cfg: dict, treated: np.ndarray, organic: tuple) -> tuple:  # ..., assignments, organic purchases
+    "(organic purchases that survive, extra purchases the offers cause, (p_control, p_treated)): the causal effect as events."
+    p0, p1 = _purchase_probabilities(t, cal)
+    lo, hi = _month_windows(t, cal)
+    idx, day, cat = organic[0], (organic[2] - cal.start_us) // _DAY_US, organic[6]
+    lost = treated & (p1 < p0) & (rng.random(p0.shape) < 1 - p1 / np.where(p0 > 0, p0, 1))  # sleeping dogs
+    keep = ~(lost[idx, cal.month_of_day[day]] & (cat == t["target_category"][idx]))
+    extra = treated & (p1 > p0) & (rng.random(p0.shape) < (p1 - p0) / np.maximum(1 - p0, 1e-12))  # persuadables
+    ci, mi = np.nonzero(extra)
+    a, b = cal.cum_season[lo[ci, mi]], cal.cum_season[hi[ci, mi]]
+    d = np.clip(np.searchsorted(cal.cum_season, a + rng.random(ci.size) * (b - a), side="right") - 1, lo[ci, mi], hi[ci, mi] - 1)
+    amount, ch = _baskets(rng, t, cal, cfg, ci, d)
+    added = _event_block(ci, 0, _stamp(rng, cal, d), amount=amount, channel=ch, category=t["target_category"][ci].astype(np.int8))
+    return tuple(col[keep] for col in organic), added, (p0, p1)
+
 
 # %% ../nbs/01_features.ipynb #eca37ac5
-def _chunk_events(rng, t: dict, cal: _Calendar, cfg: dict, offers: pd.DataFrame) -> dict[str, np.ndarray]:
-    "Events caused by traits `t`, as numpy columns sorted by time (customer index within the chunk, type code, µs timestamp, ...)."
-    blocks = [_purchases(rng, t, cal, cfg), _app_opens(rng, t, cal)]
-    views, seen = _offer_views(rng, t, cal, offers)
+def _chunk_events(rng, t: dict, cal: _Calendar, cfg: dict, offers: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict]:
+    """(events caused by traits `t` as numpy columns sorted by time (customer index within the chunk, type code, µs timestamp,
+    ...), the campaign: `treated` assignments and the true `p_control`, `p_treated` per customer and month)."""
+    treated = _assignments(rng, t["activity"].size, cal.months)
+    kept, added, (p0, p1) = _campaign_purchases(rng, t, cal, cfg, treated, _purchases(rng, t, cal, cfg))
+    blocks = [kept, added, _app_opens(rng, t, cal)]
+    views, seen = _offer_views(rng, t, cal, offers, treated)
     blocks += [views, _redemptions(rng, t, cal, offers, seen)]
-    out = {k: np.concatenate([b[i] for b in blocks]) for i, k in enumerate(["idx", "type", "ts", "amount", "offer", "channel"])}
+    out = {k: np.concatenate([b[i] for b in blocks]) for i, k in enumerate(["idx", "type", "ts", "amount", "offer", "channel", "category"])}
     out["ts"] = out["ts"] + cfg["tz_shift_hours"] * 3_600_000_000  # the "timezone bug" drift knob
     order = np.argsort(out["ts"], kind="stable")  # time-sorted files let DuckDB skip row groups on `timestamp < t`
-    return {k: v[order] for k, v in out.items()}
+    return {k: v[order] for k, v in out.items()}, dict(treated=treated, p_control=p0, p_treated=p1)
+
 
 # %% ../nbs/01_features.ipynb #c4c7edd4
 def _events_table(ev: dict, ids, offer_ids):  # numpy event columns, customer ids of the chunk, offer ids of the catalog
@@ -351,7 +452,8 @@ def _events_table(ev: dict, ids, offer_ids):  # numpy event columns, customer id
         "timestamp": pa.array(ev["ts"], type=pa.timestamp("us", tz="UTC")),
         "amount": pa.array(ev["amount"], mask=np.isnan(ev["amount"])),
         "offer_id": dict_col(np.maximum(ev["offer"], 0), offer_ids, mask=ev["offer"] < 0),
-        "channel": dict_col(ev["channel"], pa.array(CHANNELS))})
+        "channel": dict_col(ev["channel"], pa.array(CHANNELS)),
+        "category": dict_col(np.maximum(ev["category"], 0), pa.array(CATEGORIES), mask=ev["category"] < 0)})
 
 # %% ../nbs/01_features.ipynb #eea00148
 def _truth_frame(t: dict, ids: np.ndarray, cal: _Calendar) -> pd.DataFrame:  # traits, customer ids, calendar
@@ -365,7 +467,21 @@ def _truth_frame(t: dict, ids: np.ndarray, cal: _Calendar) -> pd.DataFrame:  # t
     for j, c in enumerate(CHANNELS): df[f"channel_{c}"] = t["channel_mix"][:, j]
     for j, c in enumerate(CATEGORIES): df[f"affinity_{c}"] = t["affinity"][:, j]
     for m in range(t["mood"].shape[1]): df[f"mood_{m:02d}"] = t["mood"][:, m]
+    df["uplift"], df["sleeping_dog"] = t["uplift"], t["sleeping_dog"]  # world v2: the response to offers
+    df["segment"] = np.asarray(SEGMENTS)[t["segment_mix"].argmax(1)]  # the main lifestyle segment
+    for j, s in enumerate(SEGMENTS): df[f"segment_{s.replace(' ', '_')}"] = t["segment_mix"][:, j]
     return df
+
+# %% ../nbs/01_features.ipynb #13866813
+def _campaign_frames(camp: dict, t: dict, ids: np.ndarray, cal: _Calendar) -> tuple[pd.DataFrame, pd.DataFrame]:  # from `_chunk_events`
+    "(assignments in ASSIGNMENT_COLUMNS: what the business records, effects: the true p_control/p_treated, evaluation only)."
+    n, months = camp["treated"].shape
+    starts = [cal.start + pd.DateOffset(months=m) for m in range(months)]
+    base = pd.DataFrame({"customer_id": np.repeat(ids, months), "month": np.tile(np.arange(months), n),
+                         "period_start": pd.DatetimeIndex(starts * n), "category": np.asarray(CATEGORIES)[np.repeat(t["target_category"], months)]})
+    assignments = base.assign(treated=camp["treated"].ravel())[ASSIGNMENT_COLUMNS]
+    return assignments, base.assign(p_control=camp["p_control"].ravel(), p_treated=camp["p_treated"].ravel())
+
 
 # %% ../nbs/01_features.ipynb #e27dec6e
 def peak_rss_mb() -> float:
@@ -379,7 +495,8 @@ def _write_world(cfg: dict, root: Path, progress: bool = False) -> dict:  # conf
     import pyarrow as pa, pyarrow.parquet as pq
     t0 = time.perf_counter()
     cal, offers = _Calendar(cfg), make_offers(cfg["n_offers"], cfg["seed"])
-    (root / "events").mkdir(parents=True); (root / "truth").mkdir()
+    (root / "events").mkdir(parents=True)
+    for sub in ("truth", "assignments", "effects"): (root / sub).mkdir()
     offers.to_parquet(root / "offers.parquet", index=False)
     offer_ids, n_events, counts = pa.array(offers.offer_id), 0, np.zeros(len(EVENT_TYPES), np.int64)
     for k, lo in enumerate(range(0, cfg["customers"], cfg["chunk_size"])):
@@ -387,20 +504,22 @@ def _write_world(cfg: dict, root: Path, progress: bool = False) -> dict:  # conf
         rng = np.random.default_rng([cfg["seed"], k])  # one stream per chunk: deterministic for a given config
         ids = pa.array([f"C{i:08d}" for i in range(lo, lo + n)])
         traits = _customer_traits(rng, n, cal, cfg["months"])
-        ev = _chunk_events(rng, traits, cal, cfg, offers)
+        ev, camp = _chunk_events(rng, traits, cal, cfg, offers)
         pq.write_table(_events_table(ev, ids, offer_ids), root / "events" / f"part-{k:05d}.parquet", row_group_size=1 << 20, compression="lz4")
         _truth_frame(traits, ids.to_numpy(zero_copy_only=False), cal).to_parquet(root / "truth" / f"part-{k:05d}.parquet", index=False)
+        for sub, df in zip(("assignments", "effects"), _campaign_frames(camp, traits, ids.to_numpy(zero_copy_only=False), cal)):
+            df.to_parquet(root / sub / f"part-{k:05d}.parquet", index=False)
         n_events += ev["type"].size; counts += np.bincount(ev["type"], minlength=len(EVENT_TYPES))
         if progress: print(f"  chunk {k}: {lo + n:,} customers, {n_events:,} events, {time.perf_counter() - t0:.1f}s", flush=True)
-        del ev, traits
+        del ev, traits, camp
     return dict(events=int(n_events), **{f"n_{e}": int(c) for e, c in zip(EVENT_TYPES, counts)},
                 seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(peak_rss_mb(), 1))
 
 # %% ../nbs/01_features.ipynb #6c29bfc2
 @dataclass
 class World:
-    "A generated world on disk: events (Parquet per chunk), the offer catalog, and the hidden truth."
-    root: Path  # folder holding world.json, offers.parquet, events/, truth/
+    "A generated world on disk: events (Parquet per chunk), the offer catalog, the campaign's assignments, and the hidden truth."
+    root: Path  # folder holding world.json, offers.parquet, events/, truth/, assignments/, effects/
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -412,6 +531,8 @@ class World:
     events_path = property(lambda self: self.root / "events", doc="folder of event Parquet files")
     offers_path = property(lambda self: self.root / "offers.parquet", doc="the offer catalog")
     truth_path = property(lambda self: self.root / "truth", doc="folder of latent-trait Parquet files (evaluation only)")
+    assignments_path = property(lambda self: self.root / "assignments", doc="folder of the campaign's monthly treated/holdout assignments (world v2)")
+    effects_path = property(lambda self: self.root / "effects", doc="folder of true p_control/p_treated per customer and month (evaluation only)")
     events_glob = property(lambda self: str(self.events_path / "*.parquet"), doc="glob DuckDB reads the events from")
 
     def load_events(self) -> pd.DataFrame:
@@ -425,6 +546,14 @@ class World:
     def load_truth(self) -> pd.DataFrame:
         "The latent customer traits. Evaluation only: feature code never reads this."
         return pd.read_parquet(self.truth_path)
+
+    def load_assignments(self) -> pd.DataFrame:
+        "The campaign's assignments (ASSIGNMENT_COLUMNS): who was treated and who held out, each month. What a business records."
+        return pd.read_parquet(self.assignments_path)
+
+    def load_effects(self) -> pd.DataFrame:
+        "The true chance of buying the campaign's category, without (`p_control`) and with (`p_treated`) offers. Evaluation only."
+        return pd.read_parquet(self.effects_path)
 
     def month_ends(self) -> list[pd.Timestamp]:
         "The end of every month of the world (midnight UTC starting the next month): the snapshot times."
@@ -488,6 +617,78 @@ def default_world(smoke: bool = False) -> World:  # smoke: the small, fast world
     "The default world (50,000 customers, 12 months; 2,000 when `smoke`), generated once and cached."
     return generate_world(**(SMOKE_WORLD if smoke else DEFAULT_WORLD))
 
+# %% ../nbs/01_features.ipynb #3281cefb
+SURE_THING_P = 0.8  # p_control at or above this: buys the category anyway
+PERSUADABLE_LIFT = 0.1  # p_treated - p_control at or above this: the offer makes the difference
+
+def archetype(p_control, p_treated) -> np.ndarray:  # true chances of buying without and with offers
+    "Persuadable, sure thing, lost cause or sleeping dog, from the true chances (evaluation only)."
+    p0, p1 = np.asarray(p_control, float), np.asarray(p_treated, float)
+    return np.select([p1 < p0, p0 >= SURE_THING_P, p1 - p0 >= PERSUADABLE_LIFT], ["sleeping dog", "sure thing", "persuadable"], "lost cause")
+
+
+# %% ../nbs/01_features.ipynb #98aa88cf
+def observed_outcomes(world: World) -> pd.DataFrame:
+    "The assignments with `bought`: True if the customer bought the campaign's category during that month (from the events)."
+    import duckdb
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")  # months start at midnight UTC
+    try:
+        df = con.execute("""
+            SELECT a.*, coalesce(b.n, 0) > 0 AS bought FROM read_parquet($asg) a LEFT JOIN (
+                SELECT customer_id, category, date_trunc('month', timestamp) AS m, count(*) AS n
+                FROM read_parquet($ev) WHERE event_type = 'purchase' GROUP BY ALL) b
+            ON a.customer_id = b.customer_id AND a.category = b.category AND a.period_start = b.m
+            ORDER BY a.customer_id, a.month""", {"asg": str(world.assignments_path / "*.parquet"), "ev": world.events_glob}).df()
+    finally: con.close()
+    df["period_start"] = pd.to_datetime(df.period_start, utc=True)
+    return df
+
+
+# %% ../nbs/01_features.ipynb #b4048f61
+ORACLE_LOOKBACK_DAYS = 10  # views this long before `as_of` can still redeem inside the window (delay mean 40 h)
+
+def _mean_redeem_chance(truth: pd.DataFrame, offers: pd.DataFrame, mood: np.ndarray) -> np.ndarray:  # truth rows, catalog, mood [n]
+    "Per customer, the chance one campaign view redeems before its offer expires (averaged over the campaign's offer draw)."
+    cat = pd.Categorical(offers.category, categories=CATEGORIES).codes
+    per_cat = np.bincount(cat, minlength=len(CATEGORIES))[cat]  # offers uniform within the category
+    target = pd.Categorical(truth.target_category, categories=CATEGORIES).codes
+    w = (TARGETED_SHARE * (cat[None, :] == target[:, None]) + (1 - TARGETED_SHARE) / len(CATEGORIES)) / per_cat[None, :]
+    aff = truth[[f"affinity_{c}" for c in CATEGORIES]].to_numpy()[:, cat]
+    match = truth[[f"channel_{c}" for c in CHANNELS]].to_numpy().argmax(1)[:, None] == pd.Categorical(offers.channel, categories=CHANNELS).codes[None, :]
+    p = _sigmoid(_redeem_logit(truth.propensity.to_numpy()[:, None], aff, truth.price_sensitivity.to_numpy()[:, None],
+                               offers.discount_pct.to_numpy()[None, :], match, mood[:, None]))
+    return (w * p * (1 - np.exp(-offers.expiry_days.to_numpy() * 24 / REDEEM_DELAY_HOURS))[None, :]).sum(1)
+
+
+# %% ../nbs/01_features.ipynb #c42683dc
+@patch
+def label_probability(self: World, customer_ids,  # customers
+                      as_of,  # the label window starts here
+                      horizon_days: int = 30,  # the label window [as_of, as_of + horizon)
+                      know_holdout: bool = True,  # False: as if every customer were treated (the holdout is random, unobservable)
+                      know_mood: bool = True) -> np.ndarray:  # False: mood 0 (this month's mood is latent)
+    "The oracle propensity: the world's own chance that each customer redeems at least once in the window. Evaluation only."
+    ids = [str(c) for c in np.atleast_1d(customer_ids)]
+    truth, offers, cal = self.load_truth().set_index("customer_id").loc[ids], self.load_offers(), _Calendar(self.config)
+    treated = self.load_assignments().pivot(index="customer_id", columns="month", values="treated").loc[ids].to_numpy()
+    a = (pd.Timestamp(as_of, tz="UTC") if pd.Timestamp(as_of).tzinfo is None else pd.Timestamp(as_of).tz_convert("UTC") - cal.start) / pd.Timedelta(days=1) - self.config["tz_shift_hours"] / 24  # window in generator days
+    signup = ((truth.signup_at - cal.start) / pd.Timedelta(days=1)).to_numpy()
+    churn = ((truth.churn_at.fillna(cal.end) - cal.start) / pd.Timedelta(days=1)).to_numpy()
+    b = np.minimum(a + horizon_days, churn)  # a redemption after churning never happens
+    rate = (VIEWS_BASE + VIEWS_MOBILE * truth.channel_mobile.to_numpy()) / 7
+    mu, hours = REDEEM_DELAY_HOURS / 24, (np.arange(24) + 0.5) / 24
+    cdf = lambda x: 1 - np.exp(-np.clip(x, 0, None) / mu)
+    expected, chance = np.zeros(len(ids)), {}
+    for d in range(max(0, int(np.floor(a)) - ORACLE_LOOKBACK_DAYS), min(cal.n_days, int(np.ceil(a + horizon_days)))):
+        m = cal.month_of_day[d]
+        if m not in chance: chance[m] = _mean_redeem_chance(truth, offers, truth[f"mood_{m:02d}"].to_numpy() * know_mood)
+        v = d + hours[None, :]  # views at each hour of day d, weighted by the daily curve
+        inside = ((cdf(b[:, None] - v) - cdf(a - v)) * _HOUR_P[None, :]).sum(1)
+        expected += rate * ((signup <= d) & (d < churn)) * (treated[:, m] if know_holdout else 1) * chance[m] * inside
+    return 1 - np.exp(-expected)
+
+
 # %% ../nbs/01_features.ipynb #9971e654
 def _duck(path=":memory:", read_only=False):  # a DuckDB file, or in memory
     "A DuckDB connection with the session time zone set to UTC."
@@ -528,6 +729,7 @@ def validate_events(con) -> None:  # a DuckDB connection with view `ev_src`
               "event_type": f"event_type IS NULL OR event_type NOT IN {tuple(EVENT_TYPES)}",
               "channel": f"channel IS NULL OR channel NOT IN {tuple(CHANNELS)}",
               "amount": "event_type = 'purchase' AND (amount IS NULL OR isnan(amount) OR isinf(amount) OR amount < 0)"}
+    if "category" in types: checks["category"] = f"category IS NOT NULL AND category NOT IN {tuple(CATEGORIES)}"  # world v2: nullable, optional
     counts = con.execute("SELECT " + ", ".join(f"count(*) FILTER (WHERE {c})" for c in checks.values()) + " FROM ev_src").fetchall()[0]
     if not any(counts): return  # the common case: one cheap scan
     example = lambda c: [r[0] for r in con.execute(f"SELECT DISTINCT customer_id FROM ev_src WHERE {c} ORDER BY 1 LIMIT 3").fetchall()]

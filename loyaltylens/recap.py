@@ -22,8 +22,8 @@ from .pipeline import NON_LLM_GOAL_MS, NON_LLM_STAGES, PUBLISHED_NON_LLM_MS
 __all__ = ['Tier', 'SCALES', 'MEASUREMENTS', 'PUBLISHED_LOOKUP_MS', 'LANDING_HEADLINES', 'BENCH_HEADLINES', 'HEADLINES',
            'Headline', 'Scale', 'get_scale', 'measurement', 'run_measurements', 'headline_report', 'report_markdown',
            'write_report', 'measure_propensity', 'measure_leakage', 'measure_copy', 'measure_gate', 'measure_drift',
-           'measure_pipeline', 'measure_feedback', 'measure_retrieval', 'measure_features', 'select_headlines',
-           'HeadlineFailure', 'failures', 'bench_all', 'bench_all_cmd']
+           'measure_pipeline', 'measure_feedback', 'measure_retrieval', 'measure_features', 'measure_uplift',
+           'select_headlines', 'HeadlineFailure', 'failures', 'bench_all', 'bench_all_cmd']
 
 # %% ../nbs/08_recap.ipynb #43864bbc
 Tier = Literal["landing", "bench"]
@@ -232,6 +232,14 @@ def measure_features(scale: Scale) -> dict:
     return {"features.lookup_p50_ms": r["fast_ms"]["p50"], "features.published_style_over_ours": r["fast_vs_published_x"],
             "features.build_events_per_s": r["build_events_per_s"]}
 
+# %% ../nbs/08_recap.ipynb #6f6becac
+@measurement("uplift")
+def measure_uplift(scale: Scale) -> dict:
+    "Uplift vs propensity targeting of the top 20% and the AUUC share of the oracle, test month, scored with world v2's true effects."
+    from loyaltylens.uplift import evaluate_uplift
+    f = evaluate_uplift(scale.smoke_world)
+    return {"uplift.top20_ratio": f["top20_ratio"], "uplift.auuc_share": f["auuc_share"], "uplift.pehe": f[f"pehe.{f['chosen']}"]}
+
 # %% ../nbs/08_recap.ipynb #10a5af11
 LANDING_HEADLINES = [  # cheap at default scale: checked by `make test` on every landing
     Headline("propensity.auc_gap", "propensity", "Article 2", "gradient boosting AUC − TabTransformer AUC, test month", "≤ 0.01",
@@ -276,6 +284,10 @@ BENCH_HEADLINES = [  # minutes each at default scale: checked by `make bench` an
              f"≤ {NON_LLM_GOAL_MS:g} ms", lambda v: v <= NON_LLM_GOAL_MS, "", "bench"),
     Headline("features.lookup_p50_ms", "features", "Article 1", "online feature lookup p50, ms", f"< {PUBLISHED_LOOKUP_MS:g} ms",
              lambda v: v < PUBLISHED_LOOKUP_MS, "Article 8 on Module 1: \"~4ms median lookup latency on a 5M-row table\"", "bench"),
+    Headline("uplift.top20_ratio", "uplift", "beyond (02a)", "incremental purchases of the top 20% by uplift ÷ by propensity (true effects, test month)",
+             "≥ 1.5", lambda v: v >= 1.5, "", "bench"),
+    Headline("uplift.auuc_share", "uplift", "beyond (02a)", "AUUC of the serving uplift learner, share of the oracle's", "≥ 70%",
+             lambda v: v >= 0.70, "", "bench"),
 ]
 HEADLINES = LANDING_HEADLINES + BENCH_HEADLINES
 

@@ -192,7 +192,28 @@ def test_generator_output_is_pinned(tmp_path):
     w = generate_world(500, months=2, seed=11, out=tmp_path / "w", tz_shift_hours=3, spend_shift=0.2, shift_from_month=1)
     digest = lambda df: hashlib.sha1(pd.util.hash_pandas_object(df, index=False).values.tobytes()).hexdigest()[:16]
     assert (GENERATOR_VERSION, w.stats["events"], digest(w.load_events()), digest(w.load_truth())) == \
-        (1, 12516, "6cf9e54565e92911", "eb74d0112b00d32c")
+        (2, 12669, "b1fa5053357462ed", "a584ae66d6e9885d")  # world v2 (issue 17): segments, organic purchases, holdout
+    assert (digest(w.load_assignments()), digest(w.load_effects())) == ("48367354f8196a74", "9aed3b69334d4bfc")
+
+
+def test_world_v2_contract_keeps_features_and_label(tmp_path):
+    """World v2 adds one nullable event column, `category`, and an assignments table of its own; the six features, their
+    contract (recency counts the four event types only) and module 2's label stay as they are: no feature reads category."""
+    from loyaltylens.features import ASSIGNMENT_COLUMNS, CATEGORIES, EVENT_COLUMNS
+    w = generate_world(1_000, months=3, seed=4, out=tmp_path / "w")
+    ev = w.load_events()
+    assert list(ev.columns) == EVENT_COLUMNS and EVENT_COLUMNS[:6] == ["customer_id", "event_type", "timestamp", "amount", "offer_id", "channel"]
+    assert set(ev.event_type) == set(EVENT_TYPES)  # assignments are not events
+    assert ev.category.isna().to_numpy().tolist() == (ev.event_type == "app_open").to_numpy().tolist()
+    assert set(ev.category.dropna()) <= set(CATEGORIES)
+    offers = w.load_offers().set_index("offer_id")
+    on_offer = ev[ev.offer_id.notna()]
+    assert (on_offer.category.to_numpy() == offers.category.loc[on_offer.offer_id].to_numpy()).all()  # views/redeems: the offer's
+    asg = w.load_assignments()
+    assert list(asg.columns) == ASSIGNMENT_COLUMNS and len(asg) == 1_000 * 3
+    t = w.month_ends()[1]
+    assert compute_features(ev, t).equals(compute_features(ev.drop(columns="category"), t))  # category changes no feature
+    assert list(compute_features(ev, t).columns) == ["customer_id", *FEATURE_COLUMNS]
 
 
 def test_bad_world_config():
