@@ -672,7 +672,8 @@ def sample_field(self: CopyDecoder,
                  max_words: int,  # the field's word limit
                  text: str = "",  # the value so far (e.g. the headline prefix)
                  sentence_words: int | None = None,  # end after the first sentence this long
-                 field: str = "body") -> tuple[str, int, bool]:  # which value: "headline", "body" or "cta"
+                 field: str = "body",  # which value: "headline", "body" or "cta"
+                 after: str = "") -> tuple[str, int, bool]:  # what the program writes after the value, evaluated with its end
     "Sample one JSON string value until the model closes the quote or the limit is reached: (value, tokens, ended cleanly)."
     n, tokens, pieces, dead_ends, backtracks = 0, [], [], {}, 0
     while True:
@@ -685,7 +686,9 @@ def sample_field(self: CopyDecoder,
             if value is not None and piece_ok(rules, text, value, field) and (text or value) and not ends_badly: break  # a body ends a sentence
             self.logits()[token] = -np.inf
         else:  # a dead end: take the last word back and forbid its first token here
-            if not pieces or backtracks == MAX_BACKTRACKS: return text, n, False
+            if not pieces or backtracks == MAX_BACKTRACKS:
+                if after: self.eval_more(after)
+                return text, n, False
             k = last_word_tokens(pieces)
             text = text[: len(text) - len("".join(pieces[-k:]))]
             dead_ends.setdefault(text, set()).add(tokens[-k])
@@ -693,10 +696,12 @@ def sample_field(self: CopyDecoder,
             self.back_up(k); backtracks += 1
             continue
         if '"' in piece:  # the model closed the string: keep what came before the quote
-            if value: self.eval_more(value)
+            if value or after: self.eval_more(value + after)  # one batch: the value's last piece and the program's JSON
             return text + value, n, True
-        if n_words(text + piece) > max_words: return text, n, True  # the next word would break the limit
-        if sentence_words and text[-1:] in ".!?" and piece[:1].isspace() and n_words(text) >= sentence_words: return text, n, True
+        if n_words(text + piece) > max_words or (  # the next word would break the limit, or the first long sentence is done
+                sentence_words and text[-1:] in ".!?" and piece[:1].isspace() and n_words(text) >= sentence_words):
+            if after: self.eval_more(after)
+            return text, n, True
         text, n = text + piece, n + 1
         tokens.append(token); pieces.append(piece)
         self.llm.eval([token])
@@ -710,7 +715,7 @@ def pick_tone(self: CopyDecoder, temperature: float, rng: np.random.Generator) -
     return TONES[rng.choice(len(TONES), p=p / p.sum())]
 
 # %% ../nbs/04_generation.ipynb #ea4bdda6
-BODY_SENTENCE_WORDS = 12  # the body ends after the first sentence at least this long: short copy, and no sentence cut by the limit
+BODY_SENTENCE_WORDS = 8  # the body ends after the first sentence at least this long: short copy (and a second sentence costs ~0.15 s), no sentence cut by the limit
 
 def whole_sentences(text: str) -> str:
     "`text` cut after its last complete sentence (unchanged when it ends one, or has none)."
@@ -732,10 +737,10 @@ def skeleton_attempt(decoder: CopyDecoder, prompt: PromptVersion, context: dict,
     evaluated = decoder.eval_prompt(text)
     t0, sampler, values, generated = time.perf_counter(), decoder.sampler(s["temperature"], seed + attempt), {}, 0
     for key, after in [("headline", "body"), ("body", "cta"), ("cta", "tone")]:
+        glue = f'", "{after}": "'  # the program's JSON between two values
         value, n, _ = decoder.sample_field(sampler, rules, limits[key], prefix if key == "headline" else "",
-                                           BODY_SENTENCE_WORDS if key == "body" else None, key)
-        values[key], generated = value.strip(), generated + n
-        evaluated += decoder.eval_more(f'", "{after}": "')
+                                           BODY_SENTENCE_WORDS if key == "body" else None, key, glue)
+        values[key], generated, evaluated = value.strip(), generated + n, evaluated + len(decoder.tokens(glue))
     values["tone"] = decoder.pick_tone(s["temperature"], np.random.default_rng(seed + attempt))
     values["body"] = whole_sentences(values["body"])
     values["headline"], values["cta"] = without_dangling(values["headline"], prefix), without_dangling(values["cta"])

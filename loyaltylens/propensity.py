@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .core import (path_argument, path_option, BadInput, app, bench_app, demo_step, get_settings, latency_summary, mlflow_experiment, workspace,
                               workspace_lock)
-from .features import CHANNELS, FEATURE_COLUMNS
+from .features import CHANNELS, FEATURE_COLUMNS, GENERATOR_VERSION
 
 # %% auto #0
 __all__ = ['HORIZON_DAYS', 'NUMERIC_COLUMNS', 'COUNT_COLUMNS', 'MODEL_NAME', 'EXPERIMENT', 'SMOKE_EPOCHS', 'ECE_BINS',
@@ -715,7 +715,9 @@ def load_registered(version: int | str | None = None):
     return mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{version or 'latest'}")
 
 # %% ../nbs/02_propensity.ipynb #363a5976
-def _default_dir(smoke: bool) -> Path: return workspace("models") / ("propensity-smoke" if smoke else "propensity")
+def _default_dir(smoke: bool) -> Path:
+    "The installed default model's folder: one per world size and generator version (a model of another world is not this one)."
+    return workspace("models") / f"propensity{'-smoke' if smoke else ''}-world-v{GENERATOR_VERSION}"
 def _default_lock(smoke: bool) -> str: return f"propensity-{'smoke' if smoke else 'full'}"
 
 def _swap_in(model: PropensityModel, path: Path) -> Path:

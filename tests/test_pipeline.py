@@ -84,7 +84,7 @@ def test_missing_model_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setattr(prop, "_DEFAULT", {})
     with pytest.raises(MissingArtefact, match=r"the propensity model is missing: run `loyaltylens pipeline prepare --smoke`"):
         LoyaltyLensPipeline(SMOKE)
-    assert not (tmp_path / "models" / "propensity-smoke").exists()
+    assert not (tmp_path / "models" / prop._default_dir(True).name).exists()
     r = CliRunner().invoke(cli, ["pipeline", "run", "C00000001", "--smoke"])
     assert r.exit_code == 1 and "loyaltylens pipeline prepare --smoke" in r.output, r.output
 
@@ -103,7 +103,7 @@ def test_serve_on_an_empty_workspace_answers_503(tmp_path):
         h = httpx.get(f"{url}/health", timeout=60).json()
         assert h["status"] == "degraded" and h["backends"]["propensity model"]["status"] == "absent", h
     finally: stop_process(proc)
-    assert not any((tmp_path / "worlds").iterdir()) and not (tmp_path / "models" / "propensity-smoke").exists()
+    assert not any((tmp_path / "worlds").iterdir()) and not (tmp_path / "models" / prop._default_dir(True).name).exists()
 
 
 def test_app_routes_and_schema(pipeline, cid, smoke_env):
