@@ -6,7 +6,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #2fd5035e
 from __future__ import annotations
-import importlib, os, pkgutil, platform, re, shutil, subprocess, time, warnings
+import atexit, importlib, os, pkgutil, platform, re, shutil, subprocess, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -222,6 +222,7 @@ class LlamaCppLLM:
         self.path = Path(path or gemma_gguf_path())
         self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads or get_settings().llm_threads or os.cpu_count(),
                          verbose=False, seed=0)
+        atexit.register(self.llm.close)  # free it while llama_cpp still exists (its __del__ at interpreter exit prints a TypeError)
 
     def count_tokens(self, text: str) -> int: return len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
 

@@ -6,7 +6,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/generation.html.md"""
 
 # %% ../nbs/04_generation.ipynb #b96d0e79
 from __future__ import annotations
-import dataclasses, json, os, re, string, tempfile, time
+import atexit, dataclasses, json, os, re, string, tempfile, time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -589,6 +589,7 @@ class CopyDecoder:
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, verbose=False, seed=0,
                                    n_threads=n_threads or get_settings().llm_threads or os.cpu_count(),
                                    swa_full=True)  # Gemma 3's sliding-window layers keep every position, so a kept prefix stays valid
+        atexit.register(self.llm.close)  # free it while llama_cpp still exists (its __del__ at interpreter exit prints a TypeError)
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self._pieces: dict[int, str | None] = {}
         self.tone_tokens = [self.tokens(t)[0] for t in TONES]  # the first token of each tone decides it
