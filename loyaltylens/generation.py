@@ -542,12 +542,13 @@ def new_problems(rules: DecodeRules,  # `decode_rules` of this offer and custome
                  field: str,  # "headline", "body" or "cta"
                  text: str,  # the value so far
                  new: str) -> list[tuple[str, str]]:  # `text` with the sampled token
-    "What `fact_problems` finds in `new` and not in `text`, except a last word that is still growing into a fact."
+    "What `fact_problems` finds in `new` and not in `text`, except a last word that is still growing into a fact (end `new` with a space to end that word)."
     def problems(value):
         if (field, value) not in rules.checked:
             rules.checked[field, value] = Counter(fact_problems({field: value}, rules.offer, rules.customer, final=False))
         return rules.checked[field, value]
-    return [p for p in problems(new) - problems(text) if not growing(rules, new, p[0])]
+    before = Counter({p: c for p, c in problems(text).items() if not growing(rules, text, p[0])})  # a word that stopped growing is new
+    return [p for p in problems(new) - before if not growing(rules, new, p[0])]
 
 # %% ../nbs/04_generation.ipynb #9d4c08dd
 def piece_ok(rules: DecodeRules,  # `decode_rules` of this offer and customer
@@ -683,8 +684,13 @@ def sample_field(self: CopyDecoder,
             token = sampler.sample(self.llm._ctx, -1)
             piece = self.piece(token)
             value = piece.split('"')[0] if piece is not None else None
-            ends_badly = piece is not None and '"' in piece and field == "body" and (text + value).rstrip()[-1:] not in ".!?"
-            if value is not None and piece_ok(rules, text, value, field) and (text or value) and not ends_badly: break  # a body ends a sentence
+            stops = piece is not None and (n_words(text + piece) > max_words or (  # the next word would break the limit, or
+                sentence_words and text[-1:] in ".!?" and piece[:1].isspace() and n_words(text) >= sentence_words))  # a long first sentence is done
+            closes = value is not None and '"' in piece  # the model closes the string
+            last = text + value if closes else text  # the value as it would end here
+            ends_badly = (closes or stops) and (bool(new_problems(rules, field, text, last + " "))  # its last word is no fact
+                                                or (closes and field == "body" and last.rstrip()[-1:] not in ".!?"))  # a body ends a sentence
+            if value is not None and piece_ok(rules, text, value, field) and (text or value) and not ends_badly: break
             self.logits()[token] = -np.inf
         else:  # a dead end: take the last word back and forbid its first token here
             if not pieces or backtracks == MAX_BACKTRACKS:
@@ -696,11 +702,10 @@ def sample_field(self: CopyDecoder,
             del tokens[-k:], pieces[-k:]
             self.back_up(k); backtracks += 1
             continue
-        if '"' in piece:  # the model closed the string: keep what came before the quote
+        if closes:  # keep what came before the quote
             if value or after: self.eval_more(value + after)  # one batch: the value's last piece and the program's JSON
-            return text + value, n, True
-        if n_words(text + piece) > max_words or (  # the next word would break the limit, or the first long sentence is done
-                sentence_words and text[-1:] in ".!?" and piece[:1].isspace() and n_words(text) >= sentence_words):
+            return last, n, True
+        if stops:
             if after: self.eval_more(after)
             return text, n, True
         text, n = text + piece, n + 1
