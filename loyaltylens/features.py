@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query
 from fastapi.responses import JSONResponse
 
-from .core import path_argument, path_option, BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
+from .core import path_option, BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
 
 # %% auto #0
 __all__ = ['CHANNELS', 'EVENT_TYPES', 'EVENT_COLUMNS', 'FEATURE_COLUMNS', 'OFFER_COLUMNS', 'ASSIGNMENT_COLUMNS', 'OFFER_VOCAB',
@@ -1164,7 +1164,6 @@ def cli_generate(customers: int = typer.Option(50_000, help="number of customers
 # %% ../nbs/01_features.ipynb #0e11ae5b
 def _store_opt(): return path_option(None, "input", "DuckDB store file (default: the default world's store)")
 def _open_store(store: Path | None) -> FeatureStore:
-    if store is not None and not store.exists(): raise BadInput(f"store not found: {store}")
     return FeatureStore(store or default_store_path())
 
 @features_app.command("build")
@@ -1175,7 +1174,6 @@ def cli_build(as_of: str | None = typer.Option(None, help="snapshot moment, e.g.
               version: str | None = typer.Option(None, help="version name for --as-of (default asof-DATE)")):
     "Build feature snapshots: one at --as-of, or one per month end with --monthly."
     if (as_of is None) == (not monthly): raise BadInput("give exactly one of --as-of DATE or --monthly")
-    if events is not None and not events.exists() and "*" not in str(events): raise BadInput(f"events not found: {events}")
     st = FeatureStore(store or default_store_path())
     try:
         if monthly:

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .core import path_argument, path_option, BadInput, app, bench_app, get_settings, pg_url
+from .core import path_option, BadInput, app, bench_app, get_settings, pg_url
 from .generation import (OfferCopy, PromptRegistry, chat_messages, few_shot_prompt, mentions_offer, n_words,
                                     prompt_context, write_copy)
 

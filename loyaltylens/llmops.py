@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 
-from .core import path_argument, path_option, BadInput, app, demo_step, get_settings, load_llm, mlflow_experiment, workspace
+from .core import path_option, BadInput, app, demo_step, get_settings, load_llm, mlflow_experiment, workspace
 from .generation import (ACTIVATE_LOCK_TIMEOUT_S, VERSION_RE, Activation, ActiveFile, CopyText,
                                     GenerationError, PromptError, PromptRegistry, UnknownPromptVersion, brand_scores,
                                     copy_text, fact_check, load_brand_guide, mentions_offer, n_words, prompt_context,

@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import pandas as pd
 import typer
 
-from .core import path_argument, path_option, bench_app, workspace
+from .core import path_option, bench_app, workspace
 from .pipeline import NON_LLM_GOAL_MS, NON_LLM_STAGES, PUBLISHED_NON_LLM_MS
 
 # %% auto #0

@@ -120,10 +120,10 @@ def test_cli_errors_exit_2(store_with_v1):
     for args, msg in [(["features", "get", "nobody", "--store", store.path], "nobody"),
                       (["features", "get", "c1", "--version", "v9", "--store", store.path], "unknown version 'v9'"),
                       (["features", "diff", "v1", "v9", "--store", store.path], "v9"),
-                      (["features", "stats", "--store", tmp / "missing.duckdb"], "store not found"),
+                      (["features", "stats", "--store", tmp / "missing.duckdb"], "no such file or folder"),
                       (["features", "build", "--as-of", "yesterday-ish", "--events", tmp / "good.parquet", "--store", store.path], "as_of"),
                       (["features", "build", "--as-of", "2024-04-01", "--events", tmp / "good.parquet", "--store", store.path, "--version", "v1"], "already exists"),
-                      (["features", "build", "--as-of", "2024-04-01", "--events", tmp / "nope.parquet", "--store", store.path], "not found"),
+                      (["features", "build", "--as-of", "2024-04-01", "--events", tmp / "nope.parquet", "--store", store.path], "no such file or folder"),
                       (["data", "generate", "--customers", "-5"], "customers")]:
         r = _cli(*args)
         assert r.returncode == 2 and msg in r.stderr, (args, r.returncode, r.stderr)
