@@ -437,14 +437,17 @@ def checked_path(text: str,  # the path as the user typed it
     if role not in PATH_ROLES: raise ValueError(f"role: {role!r} is not one of {PATH_ROLES}")
     if any(ord(c) < 32 or ord(c) == 127 for c in text): raise typer.BadParameter(f"{text!r} contains a NUL or control character")
     if len(text) > MAX_PATH_CHARS: raise typer.BadParameter(f"path is {len(text):,} characters; the limit is {MAX_PATH_CHARS:,}")
-    path = Path(text).expanduser()
+    try: path = Path(text).expanduser()
+    except RuntimeError: raise typer.BadParameter(f"{text}: no such user, so {text.split('/')[0]} has no home folder") from None
     if long := [p for p in path.parts if len(p) > MAX_NAME_CHARS]:
         raise typer.BadParameter(f"a name in the path is {len(long[0])} characters; the limit is {MAX_NAME_CHARS}")
-    if role == "input" and not path.exists() and not GLOB_CHARS.search(text): raise typer.BadParameter(f"{text}: no such file or folder")
-    if role == "output folder" and path.exists() and not path.is_dir(): raise typer.BadParameter(f"{text} is a file; give a folder")
-    if role == "output file" and path.is_dir(): raise typer.BadParameter(f"{text} is a folder; give a file name")
-    if role != "input" and (blocker := next((p for p in path.parents if p.exists()), None)) and not blocker.is_dir():
-        raise typer.BadParameter(f"{blocker} is a file, so nothing can be written under it")
+    try:  # the file system may refuse to look (a folder the user cannot read)
+        if role == "input" and not path.exists() and not GLOB_CHARS.search(text): raise typer.BadParameter(f"{text}: no such file or folder")
+        if role == "output folder" and path.exists() and not path.is_dir(): raise typer.BadParameter(f"{text} is a file; give a folder")
+        if role == "output file" and path.is_dir(): raise typer.BadParameter(f"{text} is a folder; give a file name")
+        if role != "input" and (blocker := next((p for p in path.parents if p.exists()), None)) and not blocker.is_dir():
+            raise typer.BadParameter(f"{blocker} is a file, so nothing can be written under it")
+    except OSError as e: raise typer.BadParameter(f"{text}: {e.strerror}") from None
     return path
 
 # %% ../nbs/00_core.ipynb #43118581

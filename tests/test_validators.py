@@ -121,7 +121,7 @@ def test_every_cli_path_is_checked():
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.one_of(st.text(max_size=300), st.sampled_from(["a\x00b", "x" * 5000, "/".join(["y" * 256] * 2), f"{A_FILE}/x"])),
+@given(text=st.one_of(st.text(max_size=300), st.sampled_from(["a\x00b", "x" * 5000, "/".join(["y" * 256] * 2), f"{A_FILE}/x", "~0", "~no-such-user/x"])),
        role=st.sampled_from(core.PATH_ROLES))
 def test_accepted_paths_are_openable_names(text, role):
     "Whatever `checked_path` accepts has no NUL or control character and fits the system's limits."
@@ -129,6 +129,13 @@ def test_accepted_paths_are_openable_names(text, role):
     except __import__("typer").BadParameter: return
     assert not any(ord(c) < 32 or ord(c) == 127 for c in text), text
     assert len(text) <= core.MAX_PATH_CHARS and all(len(p) <= core.MAX_NAME_CHARS for p in path.parts), text
+
+
+def test_unreadable_path_is_refused_not_raised(monkeypatch):
+    "A folder the user may not look into (EACCES) is a bad parameter naming the reason, not a traceback."
+    def refuse(self, *a, **k): raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Path, "stat", refuse)
+    with pytest.raises(__import__("typer").BadParameter, match="Permission denied"): core.checked_path("/root/private/x", "input")
 
 
 @pytest.mark.parametrize("args, says", [
