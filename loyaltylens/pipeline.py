@@ -82,7 +82,8 @@ EXACT_SEARCH_MAX = 5_000  # catalogs up to this many offers are searched exactly
 def searchable(store: ret.OfferStore) -> ret.OfferStore:  # an opened offer store (its rows are the store of record)
     "An exact in-process copy (`MemoryStore`) of a small pgvector catalog, read from its table once; other stores as they are."
     if not isinstance(store, ret.PgVectorStore) or store.count() > EXACT_SEARCH_MAX: return store
-    rows = store.conn.execute(f"SELECT offer_id, {', '.join(ret.META_COLUMNS)}, embedding FROM {store.table} ORDER BY offer_id").fetchall()
+    sql = f"SELECT offer_id, {', '.join(ret.META_COLUMNS)}, embedding FROM {store.table} ORDER BY offer_id"  # noqa: S608 -- a checked_table name and the closed META_COLUMNS
+    rows = store.conn.execute(sql).fetchall()
     copy = ret.MemoryStore(store.model)
     vecs = np.stack([np.asarray(r[-1], np.float32) for r in rows]) if rows else np.zeros((0, 384), np.float32)
     copy.add(pd.DataFrame([r[:-1] for r in rows], columns=["offer_id", *ret.META_COLUMNS]), vecs)
@@ -649,7 +650,7 @@ def bench_report(res: dict) -> str:
              f"precompute (one-off per snapshot x model, persisted in the workspace): snapshot {pc['snapshot']}, {pc['customers']} customers, "
              f"{pc['queries']} distinct queries, {pc['build_s']:.1f} s = {pc['per_customer_ms']:.2f} ms per customer (scoring {pc['score_s']:.1f} s, "
              f"queries {pc['query_s']:.1f} s, embedding {pc['embed_s']:.1f} s); "
-             + (f"built in this run" if pc["built_here"] else f"built {pc['built_at']}, read from the workspace in {pc['open_s']:.2f} s"),
+             + ("built in this run" if pc["built_here"] else f"built {pc['built_at']}, read from the workspace in {pc['open_s']:.2f} s"),
              "served path, in process, no LLM (ms)\n" + res["local"].round(3).to_string(),
              "cold path, in process, no LLM (ms)\n" + res["cold"].round(2).to_string()]
     if res.get("with_llm") is not None: parts.append("served path, in process, with the local LLM (ms)\n" + res["with_llm"].round(1).to_string())
