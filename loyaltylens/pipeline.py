@@ -595,7 +595,7 @@ def stop_process(proc: subprocess.Popen):
 def _bench_http(ids: list[str], smoke: bool) -> pd.DataFrame:  # customers; which world
     "Per-stage p50/p95 reported by `loyaltylens serve` (a real process) for POST /pipeline without copy, and the client round trip."
     import httpx
-    proc, url = serve_process({"LOYALTYLENS_SMOKE": "1" if smoke else ""})
+    proc, url = serve_process({"LOYALTYLENS_SMOKE": "1" if smoke else "0"})  # "" is not a boolean to the settings
     try:
         with httpx.Client(base_url=url, timeout=600) as c:
             c.post(f"/pipeline/{ids[0]}", params={"copy": "false"}).raise_for_status()  # warm-up: opens the pipeline and its table
