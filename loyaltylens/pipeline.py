@@ -142,7 +142,7 @@ class LoyaltyLensPipeline:
         self.snapshots = v.assign(as_of=pd.to_datetime(v.as_of, utc=True)).sort_values(["as_of", "created_at"])
         self._history, self._tables, self._building, self._snapshot_fps = {}, {}, {}, {}
         self._lock = threading.Lock()  # one history build at a time when serving threads share the pipeline
-        self._table_lock = threading.RLock()  # one table open or build at a time
+        self._table_lock, self._build_lock = threading.RLock(), threading.Lock()  # one table open at a time; one background build
 
     @property
     def model(self) -> prop.PropensityModel: return self._model
@@ -317,7 +317,9 @@ def served(self: LoyaltyLensPipeline, version: str) -> SnapshotTable | None:  # 
         if table_path(version, key).exists() or self.precompute_policy == "open": return self.precompute(version)
         if self.precompute_policy == "background":
             def build():
-                try: self.precompute(version); self._building.pop(key, None)
+                try:
+                    with self._build_lock: self.precompute(version)  # one background build at a time: a burst over many snapshots queues
+                    self._building.pop(key, None)
                 except Exception as e: self._building[key] = e  # requests keep computing on their own
             self._building[key] = threading.Thread(target=build, daemon=True, name=f"table-{version}")
             self._building[key].start()
