@@ -82,7 +82,7 @@ EXACT_SEARCH_MAX = 5_000  # catalogs up to this many offers are searched exactly
 def searchable(store: ret.OfferStore) -> ret.OfferStore:  # an opened offer store (its rows are the store of record)
     "An exact in-process copy (`MemoryStore`) of a small pgvector catalog, read from its table once; other stores as they are."
     if not isinstance(store, ret.PgVectorStore) or store.count() > EXACT_SEARCH_MAX: return store
-    sql = f"SELECT offer_id, {', '.join(ret.META_COLUMNS)}, embedding FROM {store.table} ORDER BY offer_id"  # noqa: S608 -- a checked_table name and the closed META_COLUMNS
+    sql = f"SELECT offer_id, {', '.join(ret.META_COLUMNS)}, embedding FROM {store.table} ORDER BY offer_id"  # noqa: S608 -- checked table name, closed META_COLUMNS
     rows = store.conn.execute(sql).fetchall()
     copy = ret.MemoryStore(store.model)
     vecs = np.stack([np.asarray(r[-1], np.float32) for r in rows]) if rows else np.zeros((0, 384), np.float32)
@@ -445,7 +445,8 @@ def backend_states() -> dict[str, BackendState]:
         try: out[name] = BackendState(status="ok", detail=str(check()))
         except MissingArtefact as e: out[name] = BackendState(status="absent", detail=str(e))
     loaded = [p for (sm, *_), p in _PIPELINES.items() if sm == smoke]
-    out["offer index"] = (BackendState(status="ok", detail=f"{loaded[0].store_backend}, {loaded[0].retriever.store.count()} offers") if loaded else
+    copied = f", searched in an exact copy in process ({loaded[0].retriever.store.source})" if loaded and hasattr(loaded[0].retriever.store, "source") else ""
+    out["offer index"] = (BackendState(status="ok", detail=f"{loaded[0].store_backend}, {loaded[0].retriever.store.count()} offers{copied}") if loaded else
                           BackendState(status="unchecked", detail=f"{PipelineSettings().store_backend}: verified when the pipeline first opens"))
     out["llm"] = (BackendState(status="ok", detail=f"local Gemma ({'llama-cpp' if llama_cpp_available() else 'transformers'})")
                   if s.llm_backend == "local" else BackendState(status="ok" if s.openai_api_key or s.openai_base_url else "absent",
