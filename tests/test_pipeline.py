@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from loyaltylens import features as fs, propensity as prop, retrieval as ret
 from loyaltylens.core import DEMO_STEPS, app as cli, get_settings
-from loyaltylens.pipeline import (LoyaltyLensPipeline, MissingArtefact, UnknownCustomer, create_app, serve_process,
-                                  stop_process)
+from loyaltylens import pipeline as pipeline_module
+from loyaltylens.pipeline import (LoyaltyLensPipeline, MissingArtefact, PipelineResult, UnknownCustomer, create_app, serve_process,
+                                  stop_process, table_path)
 
 SMOKE = True  # the small world: the pipeline's behaviour does not depend on the world's size
 
@@ -48,11 +49,89 @@ def test_copy_is_for_the_top_retrieved_offer(pipeline, cid):
 
 
 def test_propensity_is_the_calibrated_model_and_decides_eligibility(pipeline, cid):
-    r = pipeline.run_for_customer(cid, copy=False)
+    r, cold = pipeline.run_for_customer(cid, copy=False), pipeline.run_for_customer(cid, copy=False, precomputed=False)
     want = float(prop.predict(pd.DataFrame([r.features]), pipeline.model)[0])
-    assert abs(r.propensity - want) < 1e-12
+    assert (r.served_from, cold.served_from) == ("precomputed", "on_request")
+    assert abs(cold.propensity - want) < 1e-12  # computed on request: exactly the model's one-row answer
+    assert abs(r.propensity - want) < 1e-6  # batch-scored: the same up to float rounding
     assert r.filters == ret.customer_filters(r.features["channel_preference"], r.propensity)
     assert all(o["min_propensity"] <= r.propensity for o in r.offers)
+
+
+def same_result(a: PipelineResult, b: PipelineResult):
+    "Served and cold agree: features, query, filters and offers equal; propensity and scores up to float rounding."
+    assert (a.feature_version, a.features, a.query, a.filters["channel"]) == (b.feature_version, b.features, b.query, b.filters["channel"])
+    assert abs(a.propensity - b.propensity) < 1e-6, (a.propensity, b.propensity)
+    assert [o["offer_id"] for o in a.offers] == [o["offer_id"] for o in b.offers], (a.offers, b.offers)
+    assert all(abs(x["score"] - y["score"]) < 1e-4 for x, y in zip(a.offers, b.offers))
+
+
+def test_served_path_equals_cold_path(pipeline):
+    ids = pipeline.sample_customers(6, seed=5)
+    for c in ids:
+        served, cold = pipeline.run_for_customer(c, copy=False), pipeline.run_for_customer(c, copy=False, precomputed=False)
+        assert (served.served_from, cold.served_from) == ("precomputed", "on_request")
+        same_result(served, cold)
+        assert cold.offers == pipeline.retriever.search(cold.query, pipeline.k, "dense", cold.filters).to_dict("records")  # the same rows as the DataFrame path
+
+
+def test_table_is_persisted_and_reused_by_the_next_process(pipeline, cid):
+    version = pipeline.snapshot()[0]
+    pipeline.precompute(version)
+    assert table_path(version, pipeline.table_key(version)).exists()
+    fresh = LoyaltyLensPipeline(SMOKE, precompute="load")  # never builds: it can only have read the persisted table
+    r = fresh.run_for_customer(cid, copy=False)
+    assert r.served_from == "precomputed" and fresh.served(version).meta["built_here"] is False
+    same_result(r, pipeline.run_for_customer(cid, copy=False, precomputed=False))
+
+
+def test_new_model_never_uses_the_old_table(pipeline, cid):
+    import copy, torch
+    version, original = pipeline.snapshot()[0], pipeline.model
+    old_key = pipeline.table_key(version)
+    nudged = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in nudged.net.parameters(): p.add_(0.05)
+    pipeline.model, pipeline.precompute_policy = nudged, "load"
+    try:
+        assert pipeline.table_key(version) != old_key
+        r = pipeline.run_for_customer(cid, copy=False)
+        assert r.served_from == "on_request"
+        assert abs(r.propensity - float(nudged.predict(pd.DataFrame([r.features]))[0])) < 1e-12
+    finally: pipeline.model, pipeline.precompute_policy = original, "open"
+    assert pipeline.table_key(version) == old_key and pipeline.run_for_customer(cid, copy=False).served_from == "precomputed"
+
+
+def test_new_snapshot_never_uses_an_old_table(pipeline, cid, tmp_path, monkeypatch):
+    "A snapshot written after the tables were built (a new version, later as_of) is served on request until its own table exists."
+    import shutil
+    version, t = pipeline.snapshot()
+    path = tmp_path / "store.duckdb"
+    shutil.copy(pipeline.store.path, path)
+    store = fs.FeatureStore(path)
+    store.write("m13-extra", pipeline_module.fs._frame(store, version), t + pd.Timedelta(days=1))
+    monkeypatch.setattr(pipeline_module, "open_feature_store", lambda smoke: (pipeline.world, store))
+    pl = LoyaltyLensPipeline(SMOKE, precompute="load")
+    assert pl.snapshot()[0] == "m13-extra" and pl.table_key("m13-extra") != pl.table_key(version)
+    r = pl.run_for_customer(cid, copy=False)
+    assert (r.feature_version, r.served_from) == ("m13-extra", "on_request")
+    assert pl.run_for_customer(cid, as_of=t, copy=False).served_from == "precomputed"  # the older snapshot keeps its table
+    rebuilt = {**pl.snapshots.iloc[-1].to_dict(), "created_at": pd.Timestamp.now(tz="UTC")}  # the same name written again
+    assert pipeline_module.snapshot_fingerprint(rebuilt, pl.world.root.name) != pipeline_module.snapshot_fingerprint(pl.snapshots.iloc[-1].to_dict(), pl.world.root.name)
+
+
+def test_background_policy_answers_cold_until_the_table_is_built(pipeline, cid, tmp_path, monkeypatch):
+    "The server's policy: the first request of a snapshot without a table is computed on request while a thread builds it."
+    pl = LoyaltyLensPipeline(SMOKE, precompute="background")
+    monkeypatch.setenv("LOYALTYLENS_HOME", str(tmp_path))  # an empty table folder (the artefacts are already open)
+    version = pl.snapshot()[0]
+    first = pl.run_for_customer(cid, copy=False)
+    assert first.served_from == "on_request"
+    building = pl._building.get(pl.table_key(version))
+    if building is not None: building.join(600)
+    later = pl.run_for_customer(cid, copy=False)
+    assert later.served_from == "precomputed" and table_path(version, pl.table_key(version)).exists()
+    same_result(later, first)
 
 
 def test_point_in_time(pipeline, cid):
