@@ -854,6 +854,7 @@ def co_redeemed_pairs(world,  # a `World`
             FROM read_parquet($events)
             WHERE event_type = 'redeem' AND timestamp < $before AND CAST(substr(customer_id, 2) AS BIGINT) % 2 = 0)
         WHERE prev IS NOT NULL AND prev <> offer_id""", {"events": f"{world.events_path}/*.parquet", "before": before}).df()
+    pairs = pairs.sort_values(["offer_a", "offer_b"], ignore_index=True)  # DuckDB's row order varies between runs: sort, then sample
     return pairs.sample(min(max_pairs, len(pairs)), random_state=seed).reset_index(drop=True)
 
 # %% ../nbs/03_retrieval.ipynb #18e63683
@@ -882,7 +883,8 @@ def customer_query_pairs(world,  # a `World`
         red = red[channel_of.loc[red.offer_id].to_numpy() == ch.loc[red.customer_id].to_numpy()]  # what the channel filter lets through
         query = {c: customer_query(hist.loc[c], ch[c]) for c in red.customer_id.unique()}
         parts.append(red.assign(as_of=t, until=until, query=red.customer_id.map(query)))
-    pairs = pd.concat(parts, ignore_index=True)[["customer_id", "as_of", "until", "query", "offer_id"]]
+    pairs = pd.concat(parts).sort_values(["as_of", "customer_id", "offer_id"], ignore_index=True)  # DuckDB's row order varies: sort, then sample
+    pairs = pairs[["customer_id", "as_of", "until", "query", "offer_id"]]
     return pairs.sample(min(max_pairs, len(pairs)), random_state=seed).reset_index(drop=True)
 
 # %% ../nbs/03_retrieval.ipynb #4bd7900d
@@ -897,6 +899,7 @@ def passed_offers(world,  # a `World`
     ev = duckdb.connect().execute("""SELECT customer_id, event_type, offer_id AS negative, timestamp FROM read_parquet($events)
         WHERE event_type IN ('offer_view', 'redeem') AND customer_id IN (SELECT unnest($ids)) AND timestamp < $until""",
         {"events": f"{world.events_path}/*.parquet", "ids": sorted(pairs.customer_id.unique()), "until": pairs.until.max()}).df()
+    ev = ev.sort_values(["customer_id", "timestamp", "event_type", "negative"], ignore_index=True)  # a reproducible draw below
     cand = pairs.rename_axis("pair").reset_index().merge(ev, on="customer_id")
     cand = cand[(cand.timestamp >= cand.as_of) & (cand.timestamp < cand.until)]
     taken = set(zip(cand.pair[cand.event_type == "redeem"], cand.negative[cand.event_type == "redeem"]))
