@@ -1,4 +1,4 @@
-"""Article 3 — RAG retrieval. One embedding function, four interchangeable vector stores (exact numpy, pgvector HNSW, LangChain, LlamaIndex; Weaviate when a server is configured), BM25 and reciprocal-rank fusion, a MiniLM fine-tuned on co-redemptions, and a benchmark measured against the synthetic world's ground truth.
+"""Article 3 — RAG retrieval. One embedding function, four interchangeable vector stores (exact numpy, pgvector HNSW, LangChain, LlamaIndex; Weaviate when a server is configured), BM25 and reciprocal-rank fusion, a MiniLM fine-tuned on the customers' own queries and redemptions, and a benchmark measured against the synthetic world's ground truth.
 
 Docs: https://loyaltylens.github.io/loyaltylens/retrieval.html.md"""
 
@@ -23,17 +23,18 @@ from .core import (BadInput, app, bench_app, demo_step, get_settings, latency_su
 
 # %% auto #0
 __all__ = ['OFFER_COLUMNS', 'CHANNEL_WORDS', 'FILTER_KEYS', 'K_MAX', 'META_COLUMNS', 'TABLE_PATTERN', 'WEAVIATE_HOWTO',
-           'STORE_BACKENDS', 'MODES', 'SCORE_KIND', 'TRAIN_COMMAND', 'WHERE_PHRASES', 'TRAINING_FILE', 'router',
-           'offers_app', 'offer_text', 'offer_texts', 'get_model', 'model_tag', 'embed', 'offer_vectors', 'Hit',
-           'check_filters', 'check_k', 'filter_mask', 'OfferStore', 'MemoryStore', 'checked_table', 'PgVectorStore',
-           'sqlalchemy_url', 'langchain_embeddings', 'llamaindex_embedding', 'LangChainStore', 'LlamaIndexStore',
-           'weaviate_client', 'weaviate_status', 'WeaviateStore', 'offer_store', 'BM25Index', 'rrf', 'OfferRetriever',
-           'customer_history', 'customer_events', 'customer_query', 'propensity_scores', 'customer_filters',
-           'retrieve_for_customer', 'split_time', 'is_eval_customer', 'text_queries', 'customer_queries',
-           'ground_truth_queries', 'ranking_metrics', 'evaluate', 'summarise', 'co_redeemed_pairs', 'trainable_minilm',
-           'fine_tune', 'adapted_model', 'compare_modes', 'bench_world', 'hnsw_sweep', 'bench_paths', 'benchmark',
-           'bench_report', 'serving_retriever', 'RetrieveRequest', 'OfferHit', 'RetrieveResponse', 'retrieve',
-           'index_cmd', 'search_cmd', 'bench_cmd']
+           'STORE_BACKENDS', 'MODES', 'SCORE_KIND', 'TRAIN_COMMAND', 'WHERE_PHRASES', 'TRAINING_FILE', 'PAIR_KINDS',
+           'ADAPT_ROWS', 'router', 'offers_app', 'offer_text', 'offer_texts', 'get_model', 'model_tag', 'embed',
+           'offer_vectors', 'Hit', 'check_filters', 'check_k', 'filter_mask', 'OfferStore', 'MemoryStore',
+           'checked_table', 'PgVectorStore', 'sqlalchemy_url', 'langchain_embeddings', 'llamaindex_embedding',
+           'LangChainStore', 'LlamaIndexStore', 'weaviate_client', 'weaviate_status', 'WeaviateStore', 'offer_store',
+           'BM25Index', 'rrf', 'OfferRetriever', 'customer_history', 'customer_events', 'customer_query',
+           'propensity_scores', 'customer_filters', 'retrieve_for_customer', 'split_time', 'is_eval_customer',
+           'text_queries', 'customer_queries', 'ground_truth_queries', 'ranking_metrics', 'evaluate', 'summarise',
+           'co_redeemed_pairs', 'customer_query_pairs', 'passed_offers', 'trainable_minilm', 'fine_tune',
+           'training_rows', 'adapted_model', 'compare_adaptations', 'compare_modes', 'bench_world', 'hnsw_sweep',
+           'bench_paths', 'benchmark', 'bench_report', 'serving_retriever', 'RetrieveRequest', 'OfferHit',
+           'RetrieveResponse', 'retrieve', 'index_cmd', 'search_cmd', 'bench_cmd']
 
 # %% ../nbs/03_retrieval.ipynb #a8de5d98
 OFFER_COLUMNS = ["offer_id", "title", "description", "category", "channel", "discount_pct", "expiry_days", "min_propensity"]
@@ -853,18 +854,74 @@ def co_redeemed_pairs(world,  # a `World`
             FROM read_parquet($events)
             WHERE event_type = 'redeem' AND timestamp < $before AND CAST(substr(customer_id, 2) AS BIGINT) % 2 = 0)
         WHERE prev IS NOT NULL AND prev <> offer_id""", {"events": f"{world.events_path}/*.parquet", "before": before}).df()
+    pairs = pairs.sort_values(["offer_a", "offer_b"], ignore_index=True)  # DuckDB's row order varies between runs: sort, then sample
     return pairs.sample(min(max_pairs, len(pairs)), random_state=seed).reset_index(drop=True)
 
+# %% ../nbs/03_retrieval.ipynb #18e63683
+def customer_query_pairs(world,  # a `World`
+                         before: pd.Timestamp | None = None,  # nothing at or after this (default `split_time`)
+                         horizon_days: int = 30,  # positives: redemptions within this many days after the query time
+                         max_pairs: int = 20_000,  # cap
+                         seed: int = 0) -> pd.DataFrame:  # sampling seed
+    """Training pairs shaped like the evaluation: (the `customer_query` of a fine-tuning-half customer at a month end t,
+    an offer of the query's channel the customer redeemed in [t, `until`)), `until` = min(t + horizon_days, `before`).
+    Every month end with 90 days of history before it and before `before` is a query time."""
+    import duckdb
+    from loyaltylens.features import compute_features
+    before, channel_of = before or split_time(world), world.load_offers().set_index("offer_id").channel
+    parts = []
+    for t in [m for m in world.month_ends() if m - pd.Timedelta(days=90) >= world.start and m < before]:
+        until = min(t + pd.Timedelta(days=horizon_days), before)
+        red = duckdb.connect().execute("""SELECT DISTINCT customer_id, offer_id FROM read_parquet($events)
+            WHERE event_type = 'redeem' AND timestamp >= $t AND timestamp < $until AND CAST(substr(customer_id, 2) AS BIGINT) % 2 = 0""",
+            {"events": f"{world.events_path}/*.parquet", "t": t, "until": until}).df()
+        if red.empty: continue
+        ids = sorted(red.customer_id.unique())
+        ch = compute_features(customer_events(world, ids), t, validate=False).set_index("customer_id").channel_preference
+        hist = customer_history(world, t, ids).set_index("customer_id")
+        red = red[red.customer_id.isin(hist.index) & red.customer_id.isin(ch.index)]
+        red = red[channel_of.loc[red.offer_id].to_numpy() == ch.loc[red.customer_id].to_numpy()]  # what the channel filter lets through
+        query = {c: customer_query(hist.loc[c], ch[c]) for c in red.customer_id.unique()}
+        parts.append(red.assign(as_of=t, until=until, query=red.customer_id.map(query)))
+    pairs = pd.concat(parts).sort_values(["as_of", "customer_id", "offer_id"], ignore_index=True)  # DuckDB's row order varies: sort, then sample
+    pairs = pairs[["customer_id", "as_of", "until", "query", "offer_id"]]
+    return pairs.sample(min(max_pairs, len(pairs)), random_state=seed).reset_index(drop=True)
+
+# %% ../nbs/03_retrieval.ipynb #4bd7900d
+def passed_offers(world,  # a `World`
+                  pairs: pd.DataFrame,  # from `customer_query_pairs`
+                  seed: int = 0) -> pd.Series:  # sampling seed
+    """A hard negative per pair: an offer of the positive's channel that the customer was shown in [as_of, until) and did
+    not redeem there (a random other offer of that channel when there is none). Same customers, same window: no new data."""
+    import duckdb
+    offers = world.load_offers()
+    channel_of = offers.set_index("offer_id").channel
+    ev = duckdb.connect().execute("""SELECT customer_id, event_type, offer_id AS negative, timestamp FROM read_parquet($events)
+        WHERE event_type IN ('offer_view', 'redeem') AND customer_id IN (SELECT unnest($ids)) AND timestamp < $until""",
+        {"events": f"{world.events_path}/*.parquet", "ids": sorted(pairs.customer_id.unique()), "until": pairs.until.max()}).df()
+    ev = ev.sort_values(["customer_id", "timestamp", "event_type", "negative"], ignore_index=True)  # a reproducible draw below
+    cand = pairs.rename_axis("pair").reset_index().merge(ev, on="customer_id")
+    cand = cand[(cand.timestamp >= cand.as_of) & (cand.timestamp < cand.until)]
+    taken = set(zip(cand.pair[cand.event_type == "redeem"], cand.negative[cand.event_type == "redeem"]))
+    cand = cand[(cand.event_type == "offer_view") & (channel_of.loc[cand.negative].to_numpy() == channel_of.loc[cand.offer_id].to_numpy())
+                & np.array([(p, n) not in taken for p, n in zip(cand.pair, cand.negative)], dtype=bool)]
+    shown = cand.drop_duplicates(["pair", "negative"]).groupby("pair").sample(1, random_state=seed).set_index("pair").negative
+    rng, same = np.random.default_rng(seed), offers.groupby("channel").offer_id.apply(list)
+    def other(pair, o):  # no offer shown and passed over: a random one of the channel the customer did not redeem in the window
+        c = [x for x in same[channel_of[o]] if x != o and (pair, x) not in taken]
+        return c[rng.integers(len(c))]
+    return pd.Series([shown[i] if i in shown.index else other(i, o) for i, o in zip(pairs.index, pairs.offer_id)], index=pairs.index, name="negative")
+
 # %% ../nbs/03_retrieval.ipynb #d8db7285
-def _batches(pairs: list[tuple[str, str]], batch_size: int, rng) -> list[list[tuple[str, str]]]:
-    "Shuffled batches in which no text appears twice."
-    order, batches, open_ = rng.permutation(len(pairs)), [], []
+def _batches(rows: list[tuple[str, ...]], batch_size: int, rng) -> list[list[tuple[str, ...]]]:
+    "Shuffled batches of (anchor, positive[, negative]) rows in which no text appears twice."
+    order, batches, open_ = rng.permutation(len(rows)), [], []
     for i in order:
-        a, b = pairs[i]
+        row = rows[i]
         for bt in open_:
-            if len(bt[0]) < batch_size and a not in bt[1] and b not in bt[1]:
-                bt[0].append((a, b)); bt[1].update((a, b)); break
-        else: open_.append(([(a, b)], {a, b}))
+            if len(bt[0]) < batch_size and bt[1].isdisjoint(row):
+                bt[0].append(row); bt[1].update(row); break
+        else: open_.append(([row], set(row)))
         full = [bt for bt in open_ if len(bt[0]) == batch_size]
         batches += [bt[0] for bt in full]; open_ = [bt for bt in open_ if len(bt[0]) < batch_size][-8:]
     return batches
@@ -884,15 +941,15 @@ def trainable_minilm(train_layers: int = 3):  # top transformer layers to train 
 # %% ../nbs/03_retrieval.ipynb #cddea34a
 TRAINING_FILE = "loyaltylens_training.json"  # the training record saved inside a fine-tuned model folder
 
-def fine_tune(pairs: list[tuple[str, str]],  # (anchor text, positive text)
+def fine_tune(rows: list[tuple[str, ...]],  # (anchor, positive) pairs or (anchor, positive, negative) triplets
               out: Path,  # folder to save the model to
               steps: int = 100,  # optimiser steps (cap)
-              batch_size: int = 32,  # pairs per step (in-batch negatives)
+              batch_size: int = 32,  # rows per step (in-batch negatives)
               lr: float = 5e-5,  # AdamW learning rate
               train_layers: int = 3,  # top transformer layers to train (of 6)
               seed: int = 0,  # random seed
-              info: dict | None = None) -> list[float]:  # facts to keep in TRAINING_FILE (pairs, world, ...)
-    "Fine-tune MiniLM with MNRL on `pairs`; save it with its TRAINING_FILE to `out` atomically; return the loss per step."
+              info: dict | None = None) -> list[float]:  # facts to keep in TRAINING_FILE (rows, world, ...)
+    "Fine-tune MiniLM with MNRL on `rows`; save it with its TRAINING_FILE to `out` atomically; return the loss per step."
     import shutil, torch
     from sentence_transformers import losses
     torch.manual_seed(seed)
@@ -903,10 +960,10 @@ def fine_tune(pairs: list[tuple[str, str]],  # (anchor text, positive text)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     try:
         while len(log) < steps:
-            batches = _batches(pairs, batch_size, rng)
-            if not batches: raise ValueError(f"fine_tune: need at least {batch_size} pairs without repeated texts")
-            for batch in batches[:steps - len(log)]:
-                loss = loss_fn([model.preprocess([p[j] for p in batch]) for j in (0, 1)], None)
+            batches = _batches(rows, batch_size, rng)
+            if not batches: raise ValueError(f"fine_tune: need at least {batch_size} rows without repeated texts")
+            for batch in batches[:steps - len(log)]:  # columns: anchors, positives[, negatives]; MNRL scores every anchor against all of the rest
+                loss = loss_fn([model.preprocess([r[j] for r in batch]) for j in range(len(batch[0]))], None)
                 loss.backward(); opt.step(); opt.zero_grad(); log.append(loss.item())
     finally: torch.set_num_threads(threads)
     tmp = Path(str(out) + ".tmp"); shutil.rmtree(tmp, ignore_errors=True); model.eval().save(str(tmp))
@@ -916,23 +973,60 @@ def fine_tune(pairs: list[tuple[str, str]],  # (anchor text, positive text)
     tmp.rename(out)  # the folder appears under its final name complete, record included
     return log
 
+# %% ../nbs/03_retrieval.ipynb #21f34ff7
+PAIR_KINDS = ("co-redeemed", "customer", "customer+passed")  # kinds of fine-tuning rows (see "Domain adaptation")
+ADAPT_ROWS = "customer+passed"  # the kind `adapted_model` trains on: chosen by the comparison below at default scale
+
+def training_rows(world,  # a `World`
+                  kind: str = ADAPT_ROWS,  # one of PAIR_KINDS
+                  max_pairs: int = 20_000,  # cap
+                  seed: int = 0) -> list[tuple[str, ...]]:  # sampling seed
+    "Fine-tuning rows of `kind` as texts: (offer, offer), (customer query, offer) or (customer query, offer, passed-over offer)."
+    if kind not in PAIR_KINDS: raise ValueError(f"kind must be one of {PAIR_KINDS}, got {kind!r}")
+    offers = world.load_offers()
+    text = dict(zip(offers.offer_id, offer_texts(offers)))
+    if kind == "co-redeemed":
+        p = co_redeemed_pairs(world, max_pairs=max_pairs, seed=seed)
+        return [(text[a], text[b]) for a, b in zip(p.offer_a, p.offer_b)]
+    p = customer_query_pairs(world, max_pairs=max_pairs, seed=seed)
+    if kind == "customer": return [(q, text[o]) for q, o in zip(p["query"], p.offer_id)]
+    return [(q, text[o], text[n]) for q, o, n in zip(p["query"], p.offer_id, passed_offers(world, p, seed))]
+
 # %% ../nbs/03_retrieval.ipynb #ab05512d
 def adapted_model(smoke: bool = False,  # fine-tune on the small SMOKE world with a tiny budget
                   steps: int | None = None,  # default 100 (20 when smoke)
-                  batch_size: int | None = None) -> Path:  # default 32 (16 when smoke)
-    "Folder of the domain-adapted MiniLM, fine-tuned on co-redemptions of `default_world(smoke)` once and cached."
+                  batch_size: int | None = None,  # default 32 (16 when smoke)
+                  rows: str = ADAPT_ROWS) -> Path:  # kind of training rows, one of PAIR_KINDS
+    "Folder of the domain-adapted MiniLM, fine-tuned on `rows` of `default_world(smoke)` once and cached."
     from loyaltylens.features import default_world
+    if rows not in PAIR_KINDS: raise ValueError(f"rows must be one of {PAIR_KINDS}, got {rows!r}")
     steps, batch_size = steps or (20 if smoke else 100), batch_size or (16 if smoke else 32)
     world = default_world(smoke)
-    out = workspace("models") / f"minilm_offers_{'smoke' if smoke else 'full'}_{_digest(world.config, steps, batch_size, 'top3-lr5e-5')}"
+    out = workspace("models") / f"minilm_offers_{'smoke' if smoke else 'full'}_{_digest(world.config, steps, batch_size, 'top3-lr5e-5', rows)}"
     with workspace_lock(f"adapt-{out.name}"):
         if not out.exists():
-            offers = world.load_offers().set_index("offer_id")
-            text = dict(zip(offers.index, offer_texts(offers.reset_index())))
-            pairs = co_redeemed_pairs(world, max_pairs=steps * batch_size * 2)
-            fine_tune([(text[a], text[b]) for a, b in zip(pairs.offer_a, pairs.offer_b)], out, steps, batch_size,
-                      info=dict(pairs=len(pairs), world=world.config, split=str(split_time(world))))
+            t = time.perf_counter()
+            train = training_rows(world, rows, max_pairs=steps * batch_size * 2)
+            fine_tune(train, out, steps, batch_size, info=dict(rows=rows, pairs=len(train), rows_seconds=round(time.perf_counter() - t, 1),
+                                                                world=world.config, split=str(split_time(world))))
     return out
+
+# %% ../nbs/03_retrieval.ipynb #f8ff3c4d
+def compare_adaptations(offers: pd.DataFrame,  # catalog of `default_world(smoke)`
+                        queries: pd.DataFrame,  # from `ground_truth_queries`
+                        smoke: bool = False,  # the SMOKE world and budget
+                        kinds: Sequence[str] = PAIR_KINDS) -> pd.DataFrame:  # training rows to compare
+    "Dense precision@5 per query kind of base MiniLM and of `adapted_model(smoke, rows=kind)` for each kind, with the fine-tune's seconds."
+    out = []
+    for kind in (None, *kinds):
+        model = None if kind is None else adapted_model(smoke, rows=kind)
+        r, texts = OfferRetriever(offers, model=model), queries.text.tolist()
+        vec = dict(zip(texts, embed(texts, model)))
+        per = evaluate(queries, lambda t, f: r.hits(t, 10, "dense", f, vector=vec[t]))
+        rec = json.loads((model / TRAINING_FILE).read_text()) if model else {}
+        out.append({"rows": kind or "(base MiniLM)", **{f"p@5 {k}": per["p@5"][per.kind == k].mean() for k in ("customer", "text")},
+                    "p@5 all": per["p@5"].mean(), "fine-tune s": rec.get("seconds", 0.0), "rows s": rec.get("rows_seconds", 0.0)})
+    return pd.DataFrame(out).set_index("rows")
 
 # %% ../nbs/03_retrieval.ipynb #2cfdc532
 def compare_modes(offers: pd.DataFrame,  # catalog

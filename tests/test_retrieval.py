@@ -308,3 +308,21 @@ def test_demo_step_honours_smoke(smoke_model, monkeypatch):
     path = next(iter(out.values()))
     assert asked and set(asked) == {True}, asked
     assert path.name == "demo_offers_smoke.csv" and len(pd.read_csv(path)) > 0
+
+
+def test_customer_query_rows_read_only_the_fine_tuning_half_before_the_split(smoke_world):
+    "Every positive was redeemed by a fine-tuning-half customer in [as_of, until) before T; every passed-over offer was shown there and not redeemed."
+    T = R.split_time(smoke_world)
+    pairs = R.customer_query_pairs(smoke_world, max_pairs=300)
+    negatives = R.passed_offers(smoke_world, pairs)
+    assert len(pairs) > 0 and not pairs.customer_id.map(R.is_eval_customer).any() and (pairs.until <= T).all()
+    ev = R.customer_events(smoke_world, pairs.customer_id.unique())
+    window = pairs.assign(negative=negatives).merge(ev[["customer_id", "event_type", "offer_id", "timestamp"]], on="customer_id", suffixes=("", "_ev"))
+    window = window[(window.timestamp >= window.as_of) & (window.timestamp < window.until)]
+    red = window[window.event_type == "redeem"]
+    assert set(zip(pairs.customer_id, pairs.as_of, pairs.offer_id)) <= set(zip(red.customer_id, red.as_of, red.offer_id_ev))
+    taken = set(zip(red.customer_id, red.as_of, red.offer_id_ev))
+    shown = set(zip(window.customer_id[window.event_type == "offer_view"], window.as_of[window.event_type == "offer_view"], window.offer_id_ev[window.event_type == "offer_view"]))
+    keys = list(zip(pairs.customer_id, pairs.as_of, negatives))
+    assert not any(k in taken for k in keys)  # never an offer the customer redeemed in the window
+    assert np.mean([k in shown for k in keys]) > 0.5, "most negatives should be offers the customer was shown"
