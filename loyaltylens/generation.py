@@ -683,6 +683,7 @@ class CopyDecoder:
         atexit.register(self.llm.close)  # free it while llama_cpp still exists (its __del__ at interpreter exit prints a TypeError)
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.tokenizer = self.llm if path else llama_cpp.Llama(model_path=str(gemma_gguf_path()), vocab_only=True, verbose=False)
+        if self.tokenizer is not self.llm: atexit.register(self.tokenizer.close)
         own = {text: i for i, text in enumerate(vocabulary(self.llm)[0])}
         self.own_id = np.array([own.get(text, -1) for text in vocabulary(self.tokenizer)[0]])  # tokenizer id -> model id; -1: not in the model
         self._pieces: dict[int, str | None] = {}
