@@ -692,10 +692,11 @@ class CopyDecoder:
 
     def tokens(self, text: str, bos: bool = False) -> list[int]:
         "`text` as the full vocabulary tokenizes it, in the model's ids; a token the model lacks is spelled with pieces it has."
-        ids = self.own_id[self.tokenizer.tokenize(text.encode(), add_bos=bos, special=True)]
+        full = self.tokenizer.tokenize(text.encode(), add_bos=bos, special=True)
+        ids = self.own_id[full]
         if (ids >= 0).all(): return ids.tolist()
         spell = lambda i, t: [int(t)] if t >= 0 else self.llm.tokenize(self.tokenizer.detokenize([i]), add_bos=False)
-        return [x for i, t in zip(self.tokenizer.tokenize(text.encode(), add_bos=bos, special=True), ids) for x in spell(i, t)]
+        return [x for i, t in zip(full, ids) for x in spell(i, t)]
 
     def piece(self, token: int) -> str | None:
         "The text of one token; None for end-of-generation tokens."

@@ -85,8 +85,7 @@ def searchable(store: ret.OfferStore) -> ret.OfferStore:  # an opened offer stor
     sql = f"SELECT offer_id, {', '.join(ret.META_COLUMNS)}, embedding FROM {store.table} ORDER BY offer_id"  # noqa: S608 -- checked table name, closed META_COLUMNS
     rows = store.conn.execute(sql).fetchall()
     copy = ret.MemoryStore(store.model)
-    vecs = np.stack([np.asarray(r[-1], np.float32) for r in rows]) if rows else np.zeros((0, 384), np.float32)
-    copy.add(pd.DataFrame([r[:-1] for r in rows], columns=["offer_id", *ret.META_COLUMNS]), vecs)
+    if rows: copy.add(pd.DataFrame([r[:-1] for r in rows], columns=["offer_id", *ret.META_COLUMNS]), np.stack([np.asarray(r[-1], np.float32) for r in rows]))
     copy.source = f"{store.name} table {store.table}"  # where its rows came from
     return copy
 
