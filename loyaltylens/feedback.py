@@ -10,10 +10,9 @@ import asyncio, hashlib, hmac, json, re, uuid, weakref
 from contextlib import asynccontextmanager
 from datetime import date, datetime, time as dtime, timedelta, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
-import httpx, numpy as np, psycopg, typer
+import httpx, numpy as np, pandas as pd, psycopg, typer
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from psycopg import sql
@@ -22,18 +21,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .core import path_option, BadInput, app, bench_app, get_settings, pg_url
-from .generation import (OfferCopy, PromptRegistry, chat_messages, few_shot_prompt, mentions_offer, n_words,
+from .generation import (OfferCopy, PromptRegistry, chat_messages, few_shot_prompt,
                                     prompt_context, write_copy)
 
 # %% auto #0
 __all__ = ['SCHEMA_PATTERN', 'MIGRATIONS', 'COPY_FIELDS', 'CUSTOMER_FACTS', 'OFFER_FACTS', 'REVIEWER_PATTERN', 'SIMULATED_PREFIX',
-           'INSERT_FEEDBACK', 'RATING_NOISE', 'LENIENCY_SD', 'TIE_MARGIN', 'IN_WINDOW', 'AGGREGATE_DAY',
-           'PREFERENCE_PAIRS', 'EXPORT_FORMATS', 'MIN_RECORDS', 'MIN_MEAN_RATING', 'MAX_LOSS_RATE', 'RETRAIN_WORKFLOW',
-           'router', 'PREGENERATE_HINT', 'NEXT_PAIR', 'feedback_cli', 'FeedbackSettings', 'schema_name', 'connect',
-           'migrate', 'open_store', 'copy_side', 'make_pair', 'store_pairs', 'pregenerate_pairs', 'cached_pairs',
-           'FeedbackIn', 'UnknownPair', 'KeyReused', 'record_feedback', 'copy_quality', 'simulate_reviews',
-           'record_many', 'window_stats', 'aggregate_day', 'preference_pairs', 'ChatMessage', 'OpenAIPreference',
-           'TrlPreference', 'to_format', 'export_preferences', 'active_quality', 'retrain_reason', 'DispatchError',
+           'INSERT_FEEDBACK', 'IN_WINDOW', 'AGGREGATE_DAY', 'PREFERENCE_PAIRS', 'EXPORT_FORMATS', 'JUDGEMENT_ROWS',
+           'CHOICE_SIGN', 'MIN_RECORDS', 'MIN_MEAN_RATING', 'MAX_LOSS_RATE', 'RETRAIN_WORKFLOW', 'router',
+           'PREGENERATE_HINT', 'NEXT_PAIR', 'feedback_cli', 'FeedbackSettings', 'schema_name', 'connect', 'migrate',
+           'open_store', 'copy_side', 'make_pair', 'store_pairs', 'pregenerate_pairs', 'cached_pairs', 'FeedbackIn',
+           'UnknownPair', 'KeyReused', 'record_feedback', 'simulate_reviews', 'record_many', 'window_stats',
+           'aggregate_day', 'preference_pairs', 'ChatMessage', 'OpenAIPreference', 'TrlPreference', 'to_format',
+           'export_preferences', 'store_judgements', 'active_quality', 'retrain_reason', 'DispatchError',
            'dispatch_request', 'send_dispatch', 'trigger_retrain', 'store_pool', 'require_token', 'StoredFeedback',
            'post_feedback', 'get_stats', 'get_export', 'NextPair', 'get_next', 'ui_dir', 'feedback_app', 'free_port',
            'start_server', 'post_judgements', 'bench_ingest', 'migrate_cmd', 'pregenerate_cmd', 'simulate_cmd',
@@ -282,45 +281,26 @@ def record_feedback(conn: psycopg.Connection, fb: FeedbackIn,
     with conn.cursor(row_factory=dict_row) as cur:
         return _stored(cur.execute(INSERT_FEEDBACK, _params(fb, simulated, created_at)).fetchone(), fb)
 
-# %% ../nbs/06_feedback.ipynb #b493f81e
-def copy_quality(copy: dict,  # headline, body, cta, tone
-                 context: dict,  # `prompt_context` of its customer and offer
-                 criteria) -> float:  # a prompt version's `eval_criteria`
-    "Share of the eval criteria a copy meets, averaged over word limits, banned phrases and required mentions (0..1)."
-    text = " ".join(copy[k] for k in ("headline", "body", "cta")).lower()
-    limits = [n_words(copy[f]) <= lim for f, lim in criteria.word_limits.items()]
-    clean = [p.lower() not in text for p in criteria.banned_phrases] or [True]
-    mentions = list(mentions_offer(SimpleNamespace(**copy), context, tuple(criteria.required_mentions)).values()) or [True]
-    return float(sum(sum(x) / len(x) for x in (limits, clean, mentions)) / 3)
-
-# %% ../nbs/06_feedback.ipynb #41c661a5
-RATING_NOISE = 0.12  # sd of a reviewer's noise on a copy's quality (quality is on 0..1)
-LENIENCY_SD = 0.35  # sd of reviewers' personal offset, in stars
-TIE_MARGIN = 0.05  # utilities closer than this are judged a tie
-
+# %% ../nbs/06_feedback.ipynb #093cc0a2
 def simulate_reviews(pairs: list[dict],  # pairs from the store (see `make_pair`)
                      n: int,  # judgements to draw
                      days: int = 21,  # spread over the last `days` days
-                     n_reviewers: int = 12,  # size of the simulated panel
                      seed: int = 0,
-                     criteria=None,  # eval criteria the panel judges by; default the active prompt version's
+                     noise: float | None = None,  # reviewer noise sd; None = the panel's, calibrated in notebook 04b
                      now: datetime | None = None) -> list[tuple[FeedbackIn, datetime]]:
-    "SIMULATED judgements: (FeedbackIn, created_at) drawn from eval-criteria quality plus reviewer leniency and noise."
+    "SIMULATED judgements: (FeedbackIn, created_at) drawn from the readers' hidden copy utility with the panel's noise, ties and leniency."
+    from loyaltylens.readers import LENIENCY_SD, N_REVIEWERS, choices, copy_utility, default_reward_model, stars
     rng, now = np.random.default_rng(seed), now or datetime.now(timezone.utc)
-    criteria = criteria or PromptRegistry().get().eval_criteria
-    quality = [(copy_quality(p["a"]["copy"], p["context"], criteria), copy_quality(p["b"]["copy"], p["context"], criteria)) for p in pairs]
-    leniency = rng.normal(0, LENIENCY_SD, n_reviewers)
-    out = []
-    for _ in range(n):
-        k, r = int(rng.integers(len(pairs))), int(rng.integers(n_reviewers))
-        ua, ub = np.array(quality[k]) + rng.normal(0, RATING_NOISE, 2)
-        stars = [int(np.clip(round(1 + 4 * u + leniency[r]), 1, 5)) for u in (ua, ub)]
-        choice = "tie" if abs(ua - ub) < TIE_MARGIN else ("A" if ua > ub else "B")
-        key = uuid.UUID(bytes=rng.bytes(16), version=4)
-        fb = FeedbackIn.model_construct(pair_id=pairs[k]["pair_id"], reviewer=f"{SIMULATED_PREFIX}{r:02d}", choice=choice,
-                                        rating_a=stars[0], rating_b=stars[1], comment=None, idempotency_key=key)
-        out.append((fb, now - timedelta(seconds=float(rng.uniform(0, days * 86400)))))
-    return out
+    noise = default_reward_model().noise if noise is None else noise
+    u = np.array([[copy_utility(p[s]["copy"], p["context"]) for s in "ab"] for p in pairs]).reshape(len(pairs), 2)
+    leniency = rng.normal(0, LENIENCY_SD, N_REVIEWERS)
+    k, r, z = rng.integers(len(pairs), size=n), rng.integers(N_REVIEWERS, size=n), rng.standard_normal((n, 2))
+    choice = choices(u[k, 0] - u[k, 1], noise, z)
+    sa, sb = (stars(u[k, i] + noise * z[:, i], leniency[r]) for i in (0, 1))
+    at = [now - timedelta(seconds=float(s)) for s in rng.uniform(0, days * 86400, n)]
+    return [(FeedbackIn.model_construct(pair_id=pairs[k[i]]["pair_id"], reviewer=f"{SIMULATED_PREFIX}{r[i]:02d}", choice={1: "A", -1: "B", 0: "tie"}[int(choice[i])],
+                                        rating_a=int(sa[i]), rating_b=int(sb[i]), comment=None, idempotency_key=uuid.UUID(bytes=rng.bytes(16), version=4)),
+             at[i]) for i in range(n)]
 
 def record_many(conn: psycopg.Connection, judgements: list[tuple[FeedbackIn, datetime]], simulated: bool) -> int:
     "Store many judgements in one pipelined batch; return how many were new."
@@ -461,6 +441,22 @@ def export_preferences(conn: psycopg.Connection,
         tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
         tmp.replace(path)
     return lines
+
+# %% ../nbs/06_feedback.ipynb #cd6a44f1
+JUDGEMENT_ROWS = """SELECT p.pair_id, p.context, p.copy_a, p.copy_b, f.choice FROM feedback f JOIN feedback_pair p USING (pair_id)
+WHERE (%(sim)s OR NOT f.simulated) ORDER BY f.id"""
+CHOICE_SIGN = {"A": 1, "B": -1, "tie": 0}  # a judgement as the reward model's trainer reads it
+
+def store_judgements(conn: psycopg.Connection, include_simulated: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "The store's judgements as reward-model training data: the shown copies (with their context JSON), and `a`, `b`, `choice` per judgement."
+    copies, position, judgements = [], {}, []
+    for pair_id, ctx, ca, cb, choice in conn.execute(JUDGEMENT_ROWS, dict(sim=include_simulated)).fetchall():
+        for side, c in (("a", ca), ("b", cb)):
+            if (pair_id, side) not in position:
+                position[pair_id, side] = len(copies)
+                copies.append(dict(pair_id=pair_id, context_id=pair_id, context=json.dumps(ctx), **{k: c[k] for k in COPY_FIELDS}))
+        judgements.append(dict(a=position[pair_id, "a"], b=position[pair_id, "b"], choice=CHOICE_SIGN[choice]))
+    return pd.DataFrame(copies), pd.DataFrame(judgements, columns=["a", "b", "choice"])
 
 # %% ../nbs/06_feedback.ipynb #a19a2971
 MIN_RECORDS = 50  # fewer judgements of the active prompt in the window than this: too little evidence to act on

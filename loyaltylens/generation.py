@@ -244,8 +244,6 @@ class EvalCriteria(BaseModel):
     word_limits: dict[Literal["headline", "body", "cta"], int]  # per field, at most the contract's limits
     banned_phrases: list[str] = []  # phrases copy must never contain
     required_mentions: list[Literal["discount", "category", "title"]]  # copy must mention at least one of these
-    metric_weights: dict[str, float]  # weights of the eval metrics, summing to 1
-    gate_threshold: float = Field(0.75, ge=0, le=1)  # weighted score below which the gate fails
 
     @field_validator("word_limits")
     @classmethod
@@ -253,12 +251,6 @@ class EvalCriteria(BaseModel):
         bad = {k: n for k, n in v.items() if not 1 <= n <= WORD_LIMITS[k]}
         if bad: raise ValueError(f"limits {bad} outside 1..{WORD_LIMITS}")
         return {**WORD_LIMITS, **v}
-
-    @field_validator("metric_weights")
-    @classmethod
-    def _weights(cls, v):
-        if abs(sum(v.values()) - 1) > 1e-6: raise ValueError(f"weights sum to {sum(v.values()):.3f}, not 1")
-        return v
 
 # %% ../nbs/04_generation.ipynb #3b568435
 class FewShot(BaseModel):

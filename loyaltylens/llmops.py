@@ -23,18 +23,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from .core import path_option, BadInput, app, demo_step, get_settings, load_llm, mlflow_experiment, workspace
 from .generation import (ACTIVATE_LOCK_TIMEOUT_S, VERSION_RE, Activation, ActiveFile, CopyText,
                                     GenerationError, PromptError, PromptRegistry, UnknownPromptVersion, brand_scores,
-                                    copy_text, fact_check, load_brand_guide, mentions_offer, n_words, prompt_context,
+                                    WORD_LIMITS, copy_text, fact_check, load_brand_guide, mentions_offer, n_words, prompt_context,
                                     write_atomic, write_copy)
 
 # %% auto #0
-__all__ = ['LAPSED_AFTER_DAYS', 'LOYAL_MAX_RECENCY', 'LOYAL_MIN_PURCHASES', 'URGENT_MAX_DAYS', 'DECODER_GUARANTEED',
-           'GATE_CRITERIA', 'CRITERIA', 'JUDGE_RUBRIC', 'JUDGE_LABELS', 'DIGIT_GRAMMAR', 'DEGRADATIONS',
-           'JUDGE_MIN_ACCURACY', 'EVAL_EXPERIMENT', 'PUBLISHED_DEFAULT_JUDGE', 'PSI_FLOOR', 'TZ_BUG_HOURS',
-           'TENURE_BINS', 'TENURE_LABELS', 'ID_PATTERN', 'prompt_app', 'eval_app', 'drift_app', 'router',
-           'activation_lock', 'customer_segment', 'allowed_tones', 'GoldenCase', 'golden_path', 'load_golden',
-           'gate_cases', 'bleu', 'rouge_l', 'banned_found', 'reference_brand_score', 'score_copy', 'judge_prompt',
-           'judge_copy', 'judge_score', 'degrade', 'degraded_pairs', 'validate_judge', 'gate_weights', 'generate_for',
-           'EvalResult', 'evaluate', 'evals_dir', 'save_eval', 'eval_history', 'tautology_score', 'psi_bins', 'psi',
+__all__ = ['LAPSED_AFTER_DAYS', 'LOYAL_MAX_RECENCY', 'LOYAL_MIN_PURCHASES', 'URGENT_MAX_DAYS', 'CRITERIA', 'RULE_CRITERIA',
+           'GATE_WEIGHTS', 'GATE_THRESHOLD', 'ROUTE_GUARANTEES', 'HOUSE_BANNED', 'JUDGE_RUBRIC', 'JUDGE_LABELS',
+           'DIGIT_GRAMMAR', 'DEGRADATIONS', 'JUDGE_MIN_ACCURACY', 'BOOTSTRAP_RESAMPLES', 'EVAL_EXPERIMENT',
+           'PUBLISHED_DEFAULT_JUDGE', 'PSI_FLOOR', 'TZ_BUG_HOURS', 'TENURE_BINS', 'TENURE_LABELS', 'ID_PATTERN',
+           'prompt_app', 'eval_app', 'GATE_COPIES_PER_CASE', 'drift_app', 'router', 'activation_lock',
+           'customer_segment', 'allowed_tones', 'GoldenCase', 'golden_path', 'load_golden', 'gate_cases', 'bleu',
+           'rouge_l', 'banned_found', 'reference_brand_score', 'score_copy', 'reward_criterion', 'judge_prompt',
+           'judge_copy', 'judge_score', 'degrade', 'degraded_pairs', 'validate_judge', 'gate_weights',
+           'bootstrap_interval', 'generate_for', 'backend_route', 'EvalResult', 'evaluate', 'evals_dir', 'save_eval',
+           'eval_history', 'tautology_score', 'rule_score', 'paired_agreement', 'rules_vs_reward', 'psi_bins', 'psi',
            'DriftThresholds', 'drift_status', 'drift_report', 'save_drift_report', 'timezone_bug_export',
            'drift_demo_store', 'AuditThresholds', 'audit_segments', 'fairness_table', 'copy_checks', 'audit_test_month',
            'audit', 'audit_markdown', 'dashboard_data', 'prompt_list', 'prompt_show', 'prompt_diff', 'prompt_activate',
@@ -116,10 +118,17 @@ def gate_cases(cases: list[GoldenCase], n: int | None = None) -> list[GoldenCase
     mixed = [c for group in zip(*by.values()) for c in group]
     return mixed[:n] if n else mixed
 
-# %% ../nbs/05_llmops.ipynb #20236df0
-DECODER_GUARANTEED = ("schema_valid", "within_limits", "mentions_offer")  # reported, weigh 0 in the gate
-GATE_CRITERIA = ("fact_consistency", "tone_rule", "no_banned_phrases", "brand_similarity", "rouge_l", "bleu", "judge")
-CRITERIA = DECODER_GUARANTEED + GATE_CRITERIA
+# %% ../nbs/05_llmops.ipynb #63eb6d3d
+CRITERIA = ("schema_valid", "within_limits", "mentions_offer", "fact_consistency", "tone_rule", "no_banned_phrases",
+            "brand_similarity", "rouge_l", "bleu", "reward_model")
+RULE_CRITERIA = ("schema_valid", "within_limits", "mentions_offer", "fact_consistency", "tone_rule", "no_banned_phrases")  # decided by a rule
+GATE_WEIGHTS = dict(schema_valid=0.1, within_limits=0.05, mentions_offer=0.05, fact_consistency=0.2, tone_rule=0.1, no_banned_phrases=0.1,
+                    brand_similarity=0.05, rouge_l=0.025, bleu=0.025, reward_model=0.3)  # the house weights, before a route's guarantees
+GATE_THRESHOLD = 0.75  # the house bar: the lower end of the score's 95% interval must clear it
+ROUTE_GUARANTEES = {"fast": ("schema_valid", "within_limits", "mentions_offer", "fact_consistency"),
+                    "gbnf": ("schema_valid", "within_limits", "mentions_offer"),
+                    "transformers": ("mentions_offer",), "openai": ()}  # what each route's decoding guarantees
+HOUSE_BANNED = ("act now", "guaranteed", "limited time only", "cheapest", "don't miss out", "click here", "buy now", "hurry")  # with the brand guide's
 
 def _text(x) -> str: return x if isinstance(x, str) else copy_text(x)
 
@@ -137,31 +146,42 @@ def rouge_l(copy, reference) -> float:
     "ROUGE-L F1 (longest common subsequence, stemmed) of the copy's text against the reference's."
     return _rouge().score(_text(reference), _text(copy))["rougeL"].fmeasure
 
-def banned_found(copy, phrases: list[str]) -> list[str]:  # phrases: the version's banned phrases
-    "The banned phrases (the version's and the brand guide's) the copy contains, as whole words."
+def banned_found(copy, phrases=HOUSE_BANNED) -> list[str]:  # phrases: besides the brand guide's
+    "The banned phrases (the house's and the brand guide's) the copy contains, as whole words."
     text = copy_text(copy).lower()
     return [p for p in dict.fromkeys([*phrases, *load_brand_guide().banned_words]) if re.search(rf"\b{re.escape(p.lower())}\b", text)]
 
-# %% ../nbs/05_llmops.ipynb #7303af6b
+# %% ../nbs/05_llmops.ipynb #b6be835f
 @lru_cache(maxsize=1)
 def reference_brand_score() -> float:
     "Median brand score (module 4's `brand_scores`) of the golden references: the bar for `brand_similarity`."
     return float(np.median([s.score for s in brand_scores([c.reference for c in load_golden()])]))
 
 def score_copy(copy: CopyText | None,  # the generated copy; None = generation failed
-               case: GoldenCase,  # its golden context
-               criteria,  # the version's EvalCriteria (word limits, banned phrases, required mentions)
-               brand: float | None = None) -> dict:  # its brand score; None = computed here
-    "Every criterion except the judge for one copy, 0..1 each (all 0 when there is no copy), plus the offending spans."
-    if copy is None: return {k: 0.0 for k in CRITERIA if k != "judge"} | dict(fact_spans=[], banned=[])
+               case: GoldenCase) -> dict:  # its golden context
+    "Every rule and overlap criterion for one copy, 0..1 each (all 0 when there is no copy), plus the offending spans."
+    if copy is None: return {k: 0.0 for k in CRITERIA if k != "reward_model"} | dict(fact_spans=[], banned=[])
     ctx = prompt_context(case.customer, case.propensity, case.offer)
-    spans, banned = fact_check(copy, case.offer, case.customer), banned_found(copy, criteria.banned_phrases)
-    brand = brand_scores([copy], banned=criteria.banned_phrases)[0].score if brand is None else brand
-    return dict(schema_valid=1.0, within_limits=float(all(n_words(getattr(copy, k)) <= n for k, n in criteria.word_limits.items())),
-                mentions_offer=float(any(mentions_offer(copy, ctx, criteria.required_mentions).values())),
+    spans, banned = fact_check(copy, case.offer, case.customer), banned_found(copy)
+    brand = brand_scores([copy], banned=list(HOUSE_BANNED))[0].score
+    return dict(schema_valid=1.0, within_limits=float(all(n_words(getattr(copy, k)) <= n for k, n in WORD_LIMITS.items())),
+                mentions_offer=float(any(mentions_offer(copy, ctx).values())),
                 fact_consistency=float(not spans), tone_rule=float(copy.tone in allowed_tones(case.customer, case.offer)),
                 no_banned_phrases=float(not banned), brand_similarity=min(1.0, brand / reference_brand_score()),
                 rouge_l=rouge_l(copy, case.reference), bleu=bleu(copy, case.reference), fact_spans=spans, banned=banned)
+
+# %% ../nbs/05_llmops.ipynb #ba21f505
+def reward_criterion(model,  # a `loyaltylens.readers.RewardModel`
+                     copies: list[CopyText | None],  # one per case (None = no copy)
+                     cases: list[GoldenCase]) -> np.ndarray:  # their golden contexts
+    "Per copy: min(1, 2 x P(readers prefer it to the case's reference)) by the reward model; 0 for a missing copy."
+    have = [i for i, c in enumerate(copies) if c is not None]
+    ctx = [json.dumps(prompt_context(cases[i].customer, cases[i].propensity, cases[i].offer)) for i in have]
+    rows = lambda side: pd.DataFrame([dict(context=c, **{k: getattr(x, k) for k in ("headline", "body", "cta")}) for c, x in zip(ctx, side)])
+    r_copy, r_ref = (model.score(rows(side)) for side in ([copies[i] for i in have], [cases[i].reference for i in have]))
+    out = np.zeros(len(copies))
+    out[have] = np.minimum(1.0, 2 / (1 + np.exp(-(r_copy - r_ref))))
+    return out
 
 # %% ../nbs/05_llmops.ipynb #71de2cbb
 JUDGE_RUBRIC = ("clarity", "relevance", "brand_voice")
@@ -263,18 +283,28 @@ def validate_judge(cases: list[GoldenCase],  # golden cases (one degraded pair e
     return dict(n=len(df), accuracy=acc, per_kind=df.groupby("kind").correct.mean().round(3).to_dict(),
                 ties=int((df.correct == 0.5).sum()), trusted=acc >= JUDGE_MIN_ACCURACY, min_accuracy=JUDGE_MIN_ACCURACY)
 
-# %% ../nbs/05_llmops.ipynb #caa6c028
-def gate_weights(criteria,  # the version's EvalCriteria
-                 judge_trusted: bool) -> dict[str, float]:  # did the judge pass `validate_judge`?
-    "Effective gate weights: the file's, with decoder-guaranteed criteria (and an untrusted judge) at 0, rescaled to sum to 1."
-    unknown = sorted(set(criteria.metric_weights) - set(CRITERIA))
-    if unknown: raise PromptError(f"eval_criteria.metric_weights: unknown criterion {unknown[0]!r}; known: {list(CRITERIA)}")
-    w = {k: 0.0 if k in DECODER_GUARANTEED or (k == "judge" and not judge_trusted) else float(criteria.metric_weights.get(k, 0.0)) for k in CRITERIA}
+# %% ../nbs/05_llmops.ipynb #96bafe68
+def gate_weights(route: str,  # a key of ROUTE_GUARANTEES: how the copy was decoded
+                 without: tuple[str, ...] = ()) -> dict[str, float]:  # criteria to leave out as well (an ablation)
+    "The house weights with the route's guaranteed criteria (and `without`) at 0, rescaled to sum to 1."
+    if route not in ROUTE_GUARANTEES: raise ValueError(f"route: {route!r} is not one of {list(ROUTE_GUARANTEES)}")
+    unknown = sorted(set(without) - set(CRITERIA))
+    if unknown: raise ValueError(f"without: unknown criterion {unknown[0]!r}; known: {list(CRITERIA)}")
+    w = {k: 0.0 if k in ROUTE_GUARANTEES[route] or k in without else v for k, v in GATE_WEIGHTS.items()}
     total = sum(w.values())
-    if total <= 0: raise PromptError("eval_criteria.metric_weights: no weight left on criteria decoding does not guarantee")
+    if total <= 0: raise ValueError("no weight left: every criterion is guaranteed or left out")
     return {k: v / total for k, v in w.items()}
 
-# %% ../nbs/05_llmops.ipynb #53a18bfc
+# %% ../nbs/05_llmops.ipynb #cca5f747
+BOOTSTRAP_RESAMPLES = 2000  # resamples of the copies behind a 95% interval
+
+def bootstrap_interval(values, seed: int = 0) -> tuple[float, float]:  # one value per copy
+    "95% percentile-bootstrap interval of the mean."
+    v = np.asarray(values, float)
+    means = v[np.random.default_rng(seed).integers(len(v), size=(BOOTSTRAP_RESAMPLES, len(v)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+# %% ../nbs/05_llmops.ipynb #d3293ba7
 def generate_for(cases: list[GoldenCase], version: str,
                  backend: str | None = None,  # None = settings
                  seed: int = 0,  # sampling seed of case i is seed + i
@@ -289,54 +319,66 @@ def generate_for(cases: list[GoldenCase], version: str,
         return _cached("copy", dict(prompt=text, case=case.model_dump(), seed=seed + i, backend=backend, model=_model_id(backend), generator=_generator_hash()), gen)
     return [one(i, c) for i, c in enumerate(cases)]
 
-# %% ../nbs/05_llmops.ipynb #a6e9cb77
+def backend_route(backend: str) -> str:  # "local" or "openai"
+    "The decoding route a backend's copy comes from: the local fast route on llama.cpp, transformers without it, or the server."
+    if backend == "openai": return "openai"
+    from loyaltylens.generation import _local_runtime
+    return "fast" if _local_runtime() == "llama-cpp" else "transformers"
+
+# %% ../nbs/05_llmops.ipynb #c2708cea
 class EvalResult(BaseModel):
     "One evaluation of one prompt version on the golden set."
     prompt_version: str
     backend: str
+    route: str  # how the copy was decoded (a key of ROUTE_GUARANTEES)
     n: int  # golden contexts
+    copies_per_case: int  # seeded copies per context
     seed: int
     created_at: str  # ISO time, UTC
     criteria: dict[str, float]  # criterion -> mean over copies (0..1)
-    weights_file: dict[str, float]  # metric_weights as the version's file gives them
-    weights: dict[str, float]  # the effective gate weights
-    score: float  # sum of weight x criterion mean
-    threshold: float  # the version's gate_threshold
-    passed: bool
-    judge: dict  # validate_judge's result
+    guaranteed: list[str]  # criteria the route guarantees: reported, weigh 0
+    without: list[str]  # criteria left out on request (an ablation)
+    weights: dict[str, float]  # the effective weights
+    score: float  # mean over copies of each copy's weighted score
+    interval: tuple[float, float]  # its bootstrap 95% interval
+    threshold: float  # the house threshold
+    passed: bool  # the interval's lower end clears the threshold
+    shortfall: dict[str, float]  # weight x (1 - mean) per weighted criterion, largest first: what the score lost where
+    reward_model: str  # the corpus the reward model learned from
     seconds: float  # wall time of the evaluation
     copies: list[dict]  # per copy: id, text, scores, spans, error
 
-# %% ../nbs/05_llmops.ipynb #7f51dc2a
+# %% ../nbs/05_llmops.ipynb #7ca4444b
 def evaluate(version: str | None = None,  # None = the active version
              n: int | None = None,  # golden contexts (segments in turn); None = all
              backend: str | None = None,  # None = settings
              seed: int = 0,
-             judge: dict | None = None,  # a `validate_judge` result to reuse; None = validate now on the same contexts
-             registry: PromptRegistry | None = None) -> EvalResult:
-    "Generate copy for `n` golden contexts with `version`, score every criterion, and weigh them into the gate score."
+             copies_per_case: int = 1,  # seeded copies per context
+             without: tuple[str, ...] = (),  # criteria to leave out (an ablation)
+             registry: PromptRegistry | None = None,
+             reward_model=None) -> EvalResult:  # a `readers.RewardModel`; None = this workspace's
+    "Generate copy for `n` golden contexts with `version`, score every criterion, weigh them and bootstrap the score's interval."
+    from loyaltylens.readers import default_reward_model
     t0, registry, backend = time.perf_counter(), registry or PromptRegistry(), backend or get_settings().llm_backend
-    prompt = registry.get(version)
-    cases = gate_cases(load_golden(), n)
-    judge = judge or validate_judge(cases, backend)
-    outs = generate_for(cases, prompt.version, backend, seed, registry)
-    rows = []
-    for case, out in zip(cases, outs):
-        copy = None if "error" in out else CopyText(**{k: out[k] for k in ("headline", "body", "cta", "tone")})
-        s = score_copy(copy, case, prompt.eval_criteria)
-        s["judge"] = judge_score(judge_copy(copy, case, backend)) if copy and judge["trusted"] else 0.0 if not copy else float("nan")
-        rows.append(dict(id=case.id, segment=case.segment, text=copy_text(copy) if copy else None, tone=copy.tone if copy else None,
-                         error=out.get("error"), **s))
-    df = pd.DataFrame(rows)
-    means = {k: float(df[k].mean()) if df[k].notna().any() else 0.0 for k in CRITERIA}
-    w = gate_weights(prompt.eval_criteria, judge["trusted"])
-    score = float(sum(w[k] * means[k] for k in CRITERIA))
-    return EvalResult(prompt_version=prompt.version, backend=backend, n=len(cases), seed=seed, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      criteria=means, weights_file=dict(prompt.eval_criteria.metric_weights), weights=w, score=score,
-                      threshold=prompt.eval_criteria.gate_threshold, passed=score >= prompt.eval_criteria.gate_threshold, judge=judge,
+    prompt, cases, route = registry.get(version), gate_cases(load_golden(), n), backend_route(backend)
+    w, reward_model = gate_weights(route, tuple(without)), reward_model or default_reward_model()
+    cases_k = [c for _ in range(copies_per_case) for c in cases]
+    outs = [o for k in range(copies_per_case) for o in generate_for(cases, prompt.version, backend, seed + 1000 * k, registry)]
+    copies = [None if "error" in o else CopyText(**{f: o[f] for f in ("headline", "body", "cta", "tone")}) for o in outs]
+    df = pd.DataFrame([dict(id=case.id, segment=case.segment, text=copy_text(c) if c else None, tone=c.tone if c else None,
+                            error=o.get("error"), **score_copy(c, case)) for case, o, c in zip(cases_k, outs, copies)])
+    df["reward_model"] = reward_criterion(reward_model, copies, cases_k)
+    df["score"] = df[list(CRITERIA)].to_numpy() @ np.array([w[k] for k in CRITERIA])
+    means = {k: float(df[k].mean()) for k in CRITERIA}
+    interval = bootstrap_interval(df.score, seed)
+    shortfall = dict(sorted(((k, w[k] * (1 - means[k])) for k in CRITERIA if w[k] > 0), key=lambda kv: -kv[1]))
+    return EvalResult(prompt_version=prompt.version, backend=backend, route=route, n=len(cases), copies_per_case=copies_per_case, seed=seed,
+                      created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), criteria=means, guaranteed=list(ROUTE_GUARANTEES[route]),
+                      without=list(without), weights=w, score=float(df.score.mean()), interval=interval, threshold=GATE_THRESHOLD,
+                      passed=interval[0] >= GATE_THRESHOLD, shortfall=shortfall, reward_model=reward_model.corpus,
                       seconds=time.perf_counter() - t0, copies=json.loads(df.to_json(orient="records")))
 
-# %% ../nbs/05_llmops.ipynb #46baa27f
+# %% ../nbs/05_llmops.ipynb #4aba2b7f
 EVAL_EXPERIMENT = "loyaltylens-eval"  # the MLflow experiment of eval runs
 
 def evals_dir() -> Path: return workspace("llmops", "evals")
@@ -349,10 +391,10 @@ def save_eval(result: EvalResult, log_mlflow: bool = True) -> Path:
         import mlflow
         mlflow_experiment(EVAL_EXPERIMENT)
         with mlflow.start_run(run_name=f"eval-{result.prompt_version}"):
-            mlflow.log_params(dict(prompt_version=result.prompt_version, backend=result.backend, n=result.n, seed=result.seed,
-                                   judge_trusted=result.judge["trusted"]))
-            mlflow.log_metrics({**{f"criterion_{k}": v for k, v in result.criteria.items()}, "score": result.score,
-                                "passed": float(result.passed), "judge_accuracy": result.judge["accuracy"], "seconds": result.seconds})
+            mlflow.log_params(dict(prompt_version=result.prompt_version, backend=result.backend, route=result.route, n=result.n,
+                                   copies_per_case=result.copies_per_case, seed=result.seed, without=",".join(result.without) or "-"))
+            mlflow.log_metrics({**{f"criterion_{k}": v for k, v in result.criteria.items()}, "score": result.score, "score_lo": result.interval[0],
+                                "score_hi": result.interval[1], "passed": float(result.passed), "seconds": result.seconds})
             mlflow.log_artifact(str(path))
     return path
 
@@ -361,11 +403,11 @@ def eval_history(version: str | None = None) -> pd.DataFrame:  # None = every ve
     rows = []
     for p in sorted(evals_dir().glob("*.json")):
         d = json.loads(p.read_text())
-        rows.append({k: d[k] for k in ("created_at", "prompt_version", "backend", "n", "score", "threshold", "passed")} | {"path": str(p)})
+        rows.append({k: d.get(k) for k in ("created_at", "prompt_version", "backend", "n", "score", "threshold", "passed")} | {"path": str(p)})
     df = pd.DataFrame(rows, columns=["created_at", "prompt_version", "backend", "n", "score", "threshold", "passed", "path"])
     return df[df.prompt_version == version] if version else df
 
-# %% ../nbs/05_llmops.ipynb #4211e9f5
+# %% ../nbs/05_llmops.ipynb #1410f3a4
 PUBLISHED_DEFAULT_JUDGE = 0.85  # the judge score the published harness filled in when no judge ran
 
 def tautology_score(result: EvalResult) -> float:
@@ -373,6 +415,35 @@ def tautology_score(result: EvalResult) -> float:
     texts = [c["text"] for c in result.copies if c["text"]]
     if not texts: return PUBLISHED_DEFAULT_JUDGE / 3
     return float(np.mean([bleu(t, t) for t in texts]) + np.mean([rouge_l(t, t) for t in texts]) + PUBLISHED_DEFAULT_JUDGE) / 3
+
+# %% ../nbs/05_llmops.ipynb #094c6d87
+def rule_score(copy: dict, context: dict, customer: dict, offer: dict) -> float:  # copy fields; `prompt_context`; feature row; offer row
+    "The mean of the rule criteria for one copy: what a gate without readers would see."
+    case = GoldenCase(id="corpus", snapshot="corpus", propensity=float(context["propensity"]), customer=customer, offer=offer,
+                      segment=customer_segment(customer), reference=CopyText(**{k: copy[k] for k in ("headline", "body", "cta", "tone")}))
+    s = score_copy(case.reference, case)
+    return float(np.mean([s[k] for k in RULE_CRITERIA]))
+
+def paired_agreement(a, b, judgements: pd.DataFrame, seed: int = 0) -> dict:  # two scores per copy; `a`, `b`, `choice`
+    "Agreement with reviewers of grader a and of grader b on the same decided judgements, and the bootstrap 95% interval of a - b."
+    j = judgements[judgements.choice != 0]
+    hit = lambda s: np.where(np.sign(s[j.a.to_numpy()] - s[j.b.to_numpy()]) == 0, 0.5, np.sign(s[j.a.to_numpy()] - s[j.b.to_numpy()]) == j.choice.to_numpy())
+    ha, hb = hit(np.asarray(a, float)), hit(np.asarray(b, float))
+    idx = np.random.default_rng(seed).integers(len(j), size=(BOOTSTRAP_RESAMPLES, len(j)))
+    diffs = ha[idx].mean(1) - hb[idx].mean(1)
+    return dict(a=float(ha.mean()), b=float(hb.mean()), diff=float(ha.mean() - hb.mean()), lo=float(np.percentile(diffs, 2.5)), hi=float(np.percentile(diffs, 97.5)), n=len(j))
+
+# %% ../nbs/05_llmops.ipynb #7cce4949
+def rules_vs_reward(model,  # a `readers.RewardModel`
+                    smoke: bool,  # the corpus of the small world
+                    seed: int = 1) -> dict:  # a fresh draw of the panel (the model learned from seed 0's)
+    "On the held-out corpus: agreement with reviewers of the reward model vs the rule criteria, with the paired bootstrap of the difference."
+    from loyaltylens.readers import CORPUS_CONTEXTS, build_corpus, context_pairs, judge_pairs, with_utility
+    corpus = with_utility(build_corpus(CORPUS_CONTEXTS[smoke], smoke))
+    held = corpus[corpus.split == "heldout"].reset_index(drop=True)
+    j = judge_pairs(held.utility.to_numpy(), context_pairs(held), model.noise, seed=seed)
+    rules = np.array([rule_score(r, json.loads(r.context), json.loads(r.customer), json.loads(r.offer)) for _, r in held.iterrows()])
+    return paired_agreement(model.score(held), rules, j)
 
 # %% ../nbs/05_llmops.ipynb #9c04ff42
 PSI_FLOOR = 1e-4  # share given to an empty bin, so ln(a/e) stays finite
@@ -643,35 +714,47 @@ def prompt_rollback(note: str = typer.Option("", "--note", help="why (default: r
     except PromptError as err: raise BadInput(str(err))
     typer.echo(f"active: {e.version} ({e.reason})")
 
-# %% ../nbs/05_llmops.ipynb #0699af56
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a prompt version on the golden set; `gate` exits 1 below its threshold.")
+# %% ../nbs/05_llmops.ipynb #02eee53b
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a prompt version on the golden set with the house criteria; `gate` exits 1 unless the "
+                       "score's 95% interval clears the house threshold.")
 app.add_typer(eval_app, name="eval")
+GATE_COPIES_PER_CASE = 2  # seeded copies per golden context in a CLI gate run: 96 copies over the 48 contexts
 
-def _eval_cli(version: str | None, n: int | None, backend: str | None, seed: int) -> EvalResult:
+def _eval_cli(version: str | None, n: int | None, backend: str | None, seed: int, copies: int, without: list[str]) -> EvalResult:
     if version is not None and not re.fullmatch(VERSION_RE, version): raise BadInput(f"--prompt: {version!r} is not a version name")
     if n is not None and n < 1: raise BadInput(f"--n: must be at least 1, got {n}")
+    if copies < 1: raise BadInput(f"--copies: must be at least 1, got {copies}")
     if backend not in (None, "local", "openai"): raise BadInput(f"--backend: {backend!r} is not local or openai")
-    try: r = evaluate(version, n, backend, seed)
+    try: r = evaluate(version, n, backend, seed, copies, tuple(without))
     except PromptError as e: raise BadInput(str(e))
+    except ValueError as e: raise BadInput(f"--without: {e}")
     path = save_eval(r)
     typer.echo(pd.DataFrame(dict(mean=r.criteria, weight=r.weights)).round(3).to_string())
-    typer.echo(f"\n{r.prompt_version}: score {r.score:.3f} vs threshold {r.threshold} -> {'PASS' if r.passed else 'FAIL'} "
-               f"(judge accuracy {r.judge['accuracy']:.2f}, {'trusted' if r.judge['trusted'] else 'weight 0'}; {r.n} contexts, {r.seconds:.0f} s)\nsaved {path}")
+    sank = [f"{k} (-{v:.3f})" for k, v in list(r.shortfall.items())[:3]]
+    typer.echo(f"\nroute {r.route}: guaranteed by decoding, weigh 0: {', '.join(r.guaranteed) or 'none'}"
+               + (f"; left out: {', '.join(r.without)}" if r.without else "")
+               + f"\n{r.prompt_version}: score {r.score:.3f}, 95% interval [{r.interval[0]:.3f}, {r.interval[1]:.3f}] vs threshold {r.threshold} -> "
+               f"{'PASS' if r.passed else 'FAIL'}\nlargest shortfalls: {', '.join(sank)}\n"
+               f"{r.n} contexts x {r.copies_per_case} copies in {r.seconds:.0f} s; reward model of {r.reward_model}\nsaved {path}")
     return r
 
 _PROMPT_OPT = typer.Option(None, "--prompt", help="prompt version (default: the active one)")
 _N_OPT = typer.Option(None, "--n", help="golden contexts, segments in turn (default: all)")
 _BACKEND_OPT = typer.Option(None, "--backend", help="local or openai (default: LOYALTYLENS_LLM_BACKEND)")
+_COPIES_OPT = typer.Option(GATE_COPIES_PER_CASE, "--copies", help="seeded copies per context (more copies, a narrower interval)")
+_WITHOUT_OPT = typer.Option([], "--without", help="leave a criterion out (repeatable), e.g. --without reward_model: an ablation")
 
 @eval_app.command("run")
-def eval_run(prompt: str | None = _PROMPT_OPT, n: int | None = _N_OPT, backend: str | None = _BACKEND_OPT, seed: int = typer.Option(0, help="sampling seed")):
+def eval_run(prompt: str | None = _PROMPT_OPT, n: int | None = _N_OPT, backend: str | None = _BACKEND_OPT, seed: int = typer.Option(0, help="sampling seed"),
+             copies: int = _COPIES_OPT, without: list[str] = _WITHOUT_OPT):
     "Evaluate and report; exit 0 whatever the score."
-    _eval_cli(prompt, n, backend, seed)
+    _eval_cli(prompt, n, backend, seed, copies, without)
 
 @eval_app.command("gate")
-def eval_gate(prompt: str | None = _PROMPT_OPT, n: int | None = _N_OPT, backend: str | None = _BACKEND_OPT, seed: int = typer.Option(0, help="sampling seed")):
-    "Evaluate; exit 1 when the score is below the version's gate_threshold."
-    if not _eval_cli(prompt, n, backend, seed).passed: raise typer.Exit(1)
+def eval_gate(prompt: str | None = _PROMPT_OPT, n: int | None = _N_OPT, backend: str | None = _BACKEND_OPT, seed: int = typer.Option(0, help="sampling seed"),
+              copies: int = _COPIES_OPT, without: list[str] = _WITHOUT_OPT):
+    "Evaluate; exit 1 unless the lower end of the score's 95% interval clears the house threshold."
+    if not _eval_cli(prompt, n, backend, seed, copies, without).passed: raise typer.Exit(1)
 
 # %% ../nbs/05_llmops.ipynb #db930616
 drift_app = typer.Typer(no_args_is_help=True, help="PSI drift between two feature versions.")
@@ -760,7 +843,7 @@ def activate_endpoint(req: ActivateRequest) -> dict:
     except PromptError as err: raise HTTPException(422, f"version: {err}")
     return e.model_dump()
 
-# %% ../nbs/05_llmops.ipynb #6b572116
+# %% ../nbs/05_llmops.ipynb #0f52197e
 @demo_step(50, "LLMOps: the eval gate on the active prompt, PSI on the timezone bug")
 def _demo_llmops() -> dict:
     smoke = get_settings().smoke_mode
@@ -769,5 +852,5 @@ def _demo_llmops() -> dict:
     store, _ = drift_demo_store(smoke)
     rep = drift_report(store, "baseline", "tz-bug")
     psi_r = next(f["psi"] for f in rep["features"] if f["feature"] == "recency_days")
-    return {"eval gate": f"{r.prompt_version} score {r.score:.2f} vs {r.threshold} -> {'PASS' if r.passed else 'FAIL'}", "eval JSON": str(path),
-            "timezone-bug PSI (recency_days)": f"{psi_r:.2f} ({rep['status']})"}
+    return {"eval gate": f"{r.prompt_version} score {r.score:.2f} [{r.interval[0]:.2f}, {r.interval[1]:.2f}] vs {r.threshold} -> {'PASS' if r.passed else 'FAIL'}",
+            "eval JSON": str(path), "timezone-bug PSI (recency_days)": f"{psi_r:.2f} ({rep['status']})"}

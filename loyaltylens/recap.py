@@ -21,9 +21,9 @@ from .pipeline import NON_LLM_GOAL_MS, NON_LLM_STAGES, PUBLISHED_NON_LLM_MS
 # %% auto #0
 __all__ = ['Tier', 'SCALES', 'MEASUREMENTS', 'PUBLISHED_LOOKUP_MS', 'LANDING_HEADLINES', 'BENCH_HEADLINES', 'HEADLINES',
            'Headline', 'Scale', 'get_scale', 'measurement', 'run_measurements', 'headline_report', 'report_markdown',
-           'write_report', 'measure_propensity', 'measure_leakage', 'measure_copy', 'measure_gate', 'measure_drift',
-           'measure_pipeline', 'measure_feedback', 'measure_retrieval', 'measure_features', 'measure_uplift',
-           'select_headlines', 'HeadlineFailure', 'failures', 'bench_all', 'bench_all_cmd']
+           'write_report', 'measure_propensity', 'measure_leakage', 'measure_copy', 'measure_gate', 'measure_readers',
+           'measure_drift', 'measure_pipeline', 'measure_feedback', 'measure_retrieval', 'measure_features',
+           'measure_uplift', 'select_headlines', 'HeadlineFailure', 'failures', 'bench_all', 'bench_all_cmd']
 
 # %% ../nbs/08_recap.ipynb #43864bbc
 Tier = Literal["landing", "bench"]
@@ -53,6 +53,7 @@ class Scale:
     smoke_world: bool  # the small SMOKE world (True) or the default 50,000-customer world
     copies: int  # offer copies generated for the copy bars
     gate_cases: int | None  # golden contexts per prompt in the eval gate, segments in turn (None = all 48)
+    gate_copies: int  # seeded copies per golden context in the eval gate
     pipeline_customers: int  # customers timed through the pipeline
     feedback_clients: int  # concurrent clients of the ingest benchmark
     feedback_posts: int  # POSTs per client
@@ -61,11 +62,11 @@ class Scale:
     feature_customers: int  # world size of the feature-store benchmark
 
 SCALES = {s.name: s for s in [
-    Scale("smoke", True, copies=5, gate_cases=8, pipeline_customers=20, feedback_clients=4, feedback_posts=50,
+    Scale("smoke", True, copies=5, gate_cases=8, gate_copies=1, pipeline_customers=20, feedback_clients=4, feedback_posts=50,
           offers=200, queries=60, feature_customers=2_000),
-    Scale("default", False, copies=30, gate_cases=24, pipeline_customers=200, feedback_clients=20, feedback_posts=250,
+    Scale("default", False, copies=30, gate_cases=None, gate_copies=2, pipeline_customers=200, feedback_clients=20, feedback_posts=250,
           offers=200, queries=600, feature_customers=100_000),
-    Scale("large", False, copies=100, gate_cases=None, pipeline_customers=1_000, feedback_clients=20, feedback_posts=250,
+    Scale("large", False, copies=100, gate_cases=None, gate_copies=4, pipeline_customers=1_000, feedback_clients=20, feedback_posts=250,
           offers=20_000, queries=600, feature_customers=1_000_000),
 ]}
 
@@ -174,12 +175,33 @@ def measure_copy(scale: Scale) -> dict:
 
 @measurement("gate")
 def measure_gate(scale: Scale) -> dict:
-    "Gate scores of the active prompt and of `v3-pushy` on the golden set; 1.0 = the verdict the gate must give."
-    from loyaltylens.llmops import evaluate
-    active = evaluate(None, n=scale.gate_cases)
-    pushy = evaluate("v3-pushy", n=scale.gate_cases, judge=active.judge)  # one judge validation serves both
-    return {"gate.active_score": active.score, "gate.active_passes": float(active.passed), "gate.pushy_score": pushy.score,
-            "gate.pushy_fails": float(not pushy.passed), "gate.threshold": active.threshold, "gate.seconds_per_run": active.seconds}
+    "The gate's verdicts on the golden set: the active prompt, v3-pushy, v3-subtle, and v3-subtle with the reward model left out."
+    from loyaltylens.llmops import RULE_CRITERIA, evaluate
+    kw = dict(n=scale.gate_cases, copies_per_case=scale.gate_copies)
+    runs = dict(active=evaluate(None, **kw), pushy=evaluate("v3-pushy", **kw), subtle=evaluate("v3-subtle", **kw),
+                subtle_without_rm=evaluate("v3-subtle", without=("reward_model",), **kw))
+    subtle = runs["subtle"]
+    return {**{f"gate.{k}_score": r.score for k, r in runs.items()}, **{f"gate.{k}_interval_low": r.interval[0] for k, r in runs.items()},
+            "gate.active_passes": float(runs["active"].passed), "gate.pushy_fails": float(not runs["pushy"].passed),
+            "gate.subtle_fails": float(subtle.interval[1] < subtle.threshold and all(subtle.criteria[k] == 1 for k in RULE_CRITERIA)),
+            "gate.subtle_passes_without_rm": float(runs["subtle_without_rm"].passed), "gate.threshold": subtle.threshold,
+            "gate.half_width": (runs["active"].interval[1] - runs["active"].interval[0]) / 2, "gate.copies": runs["active"].n * runs["active"].copies_per_case,
+            "gate.seconds_per_run": runs["active"].seconds}
+
+@measurement("readers")
+def measure_readers(scale: Scale) -> dict:
+    "The reward model's grades on held-out customers and offers, the flipped-reviewer control, and the reward model vs the rules."
+    from loyaltylens.llmops import rules_vs_reward
+    from loyaltylens.readers import (CORPUS_CONTEXTS, agreement, build_corpus, context_pairs, default_reward_model, flipped_control,
+                                     reward_inputs, with_utility)
+    model = default_reward_model(scale.smoke_world)
+    corpus = with_utility(build_corpus(CORPUS_CONTEXTS[scale.smoke_world], scale.smoke_world))
+    pairs, u = context_pairs(corpus), corpus.utility.to_numpy()
+    g, vs = model.grades, rules_vs_reward(model, scale.smoke_world)
+    return {"readers.reviewer_agreement": agreement(u[pairs.a] - u[pairs.b], model.noise, seed=1), "readers.noise_ceiling": g["noise_ceiling"],
+            "readers.rm_accuracy": g["accuracy"], "readers.rm_share_of_ceiling": g["share_of_ceiling"], "readers.rm_spearman": g["spearman"],
+            "readers.flipped_spearman": flipped_control(corpus, reward_inputs(corpus), model.noise, model.cfg)["spearman"],
+            "readers.rm_minus_rules": vs["diff"], "readers.rm_minus_rules_low": vs["lo"]}
 
 # %% ../nbs/08_recap.ipynb #4df5951c
 @measurement("drift")
@@ -250,9 +272,6 @@ LANDING_HEADLINES = [  # cheap at default scale: checked by `make test` on every
              lambda v: v >= 1.0, "", "landing"),
     Headline("copy.fact_consistent", "copy", "Article 4", "share of copies whose every number, brand, channel and duration is the offer's (after retries)",
              "= 100%", lambda v: v >= 1.0, "", "landing"),
-    Headline("gate.active_passes", "gate", "Article 5", "the eval gate passes the active prompt (1 = yes)", "= 1", lambda v: v == 1,
-             "Article 8 on Module 5: \"Making the eval gate a hard CI/CD failure. Not a warning.\"", "landing"),
-    Headline("gate.pushy_fails", "gate", "Article 5", "the eval gate fails the bad prompt v3-pushy (1 = yes)", "= 1", lambda v: v == 1, "", "landing"),
     Headline("drift.tz_bug_recency_psi", "drift", "Article 5", "PSI of recency_days, snapshot rebuilt with the timezone bug", "> 0.25",
              lambda v: v > 0.25, "Article 8, lesson 4: \"The timezone-offset bug surfaces as PSI = 0.31 at 6am\"", "landing"),
     Headline("drift.rebuild_max_psi", "drift", "Article 5", "largest feature PSI of an unchanged rebuild", "< 0.01", lambda v: v < 0.01, "", "landing"),
@@ -289,6 +308,24 @@ BENCH_HEADLINES = [  # minutes each at default scale: checked by `make bench` an
              "≥ 1.5", lambda v: v >= 1.5, "", "bench"),
     Headline("uplift.auuc_share", "uplift", "beyond (02a)", "AUUC of the serving uplift learner, share of the oracle's", "≥ 70%",
              lambda v: v >= 0.70, "", "bench"),
+    Headline("gate.active_passes", "gate", "Article 5", "the eval gate passes the active prompt: the 95% interval's low end clears the house threshold (1 = yes)",
+             "= 1", lambda v: v == 1, "Article 8 on Module 5: \"Making the eval gate a hard CI/CD failure. Not a warning.\"", "bench"),
+    Headline("gate.pushy_fails", "gate", "Article 5", "the eval gate fails the bad prompt v3-pushy (1 = yes)", "= 1", lambda v: v == 1, "", "bench"),
+    Headline("gate.subtle_fails", "gate", "Article 5", "v3-subtle fails with every rule criterion at 1 and its whole interval below the threshold (1 = yes)",
+             "= 1", lambda v: v == 1, "", "bench"),
+    Headline("gate.subtle_passes_without_rm", "gate", "Article 5", "v3-subtle passes with the reward model left out: the reward model failed it (1 = yes)",
+             "= 1", lambda v: v == 1, "", "bench"),
+    Headline("gate.half_width", "gate", "Article 5", "half-width of the active prompt's 95% score interval", "≤ 0.03", lambda v: v <= 0.03, "", "bench"),
+    Headline("readers.reviewer_agreement", "readers", "beyond (04b)", "two simulated reviewers agree on decided pairs (set from InstructGPT's labelers)",
+             "reported (≈ 73%)", None, "", "bench"),
+    Headline("readers.rm_share_of_ceiling", "readers", "beyond (04b)", "reward model pairwise accuracy vs reviewers, held-out customers and offers, "
+             "share of the noise ceiling", "≥ 90%", lambda v: v >= 0.90, "", "bench"),
+    Headline("readers.rm_spearman", "readers", "beyond (04b)", "reward model vs the hidden copy utility: Spearman within each context, averaged, held out",
+             "≥ 0.60", lambda v: v >= 0.60, "", "bench"),
+    Headline("readers.flipped_spearman", "readers", "beyond (04b)", "the same, trained on reviewers with the taste flipped", "< 0",
+             lambda v: v < 0, "", "bench"),
+    Headline("readers.rm_minus_rules_low", "readers", "beyond (04b)", "agreement with reviewers, reward model − rule criteria: 95% interval's low end",
+             "> 0", lambda v: v > 0, "", "bench"),
 ]
 HEADLINES = LANDING_HEADLINES + BENCH_HEADLINES
 

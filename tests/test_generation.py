@@ -114,7 +114,7 @@ def test_missing_placeholder_names_file_and_field(scratch_registry):
 
 def test_missing_required_field_names_it(scratch_registry):
     data = yaml.safe_load((scratch_registry.root / "v1.yaml").read_text()) | {"version": "v5"}
-    del data["eval_criteria"]["gate_threshold"], data["author"]
+    del data["author"]
     (scratch_registry.root / "v5.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(g.PromptError, match=r"v5\.yaml: invalid PromptVersion: author: Field required"): scratch_registry.load("v5")
 

@@ -92,12 +92,13 @@ def test_generation_uses_the_newly_active_version_at_once(prompts):
 
 def test_eval_gate_passes_active_and_fails_v3_pushy():
     t0 = time.perf_counter()
-    ok = runner.invoke(app, ["eval", "gate", "--n", str(GATE_N)])
+    ok = runner.invoke(app, ["eval", "gate", "--n", str(GATE_N), "--copies", "1"])
     took = time.perf_counter() - t0
     assert ok.exit_code == 0, ok.output
-    bad = runner.invoke(app, ["eval", "gate", "--prompt", "v3-pushy", "--n", str(GATE_N)])
+    bad = runner.invoke(app, ["eval", "gate", "--prompt", "v3-pushy", "--n", str(GATE_N), "--copies", "1"])
     assert bad.exit_code == 1, bad.output
-    assert "FAIL" in bad.output and "PASS" in ok.output
+    assert "FAIL" in bad.output and "PASS" in ok.output and "95% interval" in ok.output
+    assert "guaranteed by decoding, weigh 0: schema_valid, within_limits, mentions_offer, fact_consistency" in ok.output
     print(f"gate run of the active prompt: {took:.1f} s")
     # results saved as JSON and logged to MLflow, one run per evaluation
     hist = L.eval_history()
@@ -118,14 +119,26 @@ def test_eval_cli_bad_input_exits_2():
     assert runner.invoke(app, ["eval", "run", "--prompt", "../etc"]).exit_code == 2
     assert runner.invoke(app, ["eval", "run", "--prompt", "v99", "--n", "1"]).exit_code == 2
     assert runner.invoke(app, ["eval", "run", "--n", "0"]).exit_code == 2
+    assert runner.invoke(app, ["eval", "run", "--copies", "0"]).exit_code == 2
+    bad = runner.invoke(app, ["eval", "run", "--n", "1", "--without", "vibes"])
+    assert bad.exit_code == 2 and "unknown criterion 'vibes'" in bad.output, bad.output
 
 
-def test_gate_ignores_weight_on_decoder_guaranteed_criteria():
-    crit = PromptRegistry().load("v1").eval_criteria  # v1 puts 0.7 of its weight on guaranteed criteria
-    w = L.gate_weights(crit, judge_trusted=True)
-    assert all(w[k] == 0 for k in L.DECODER_GUARANTEED) and abs(sum(w.values()) - 1) < 1e-9
-    pushy = PromptRegistry().load("v3-pushy").eval_criteria
-    assert all(pushy.metric_weights[k] == 0 for k in L.DECODER_GUARANTEED)  # and the pushy file says so itself
+def test_gate_weighs_zero_what_the_route_guarantees():
+    for route, guaranteed in L.ROUTE_GUARANTEES.items():
+        w = L.gate_weights(route)
+        assert all(w[k] == 0 for k in guaranteed) and abs(sum(w.values()) - 1) < 1e-9, route
+        assert all(w[k] > 0 for k in L.CRITERIA if k not in guaranteed), route  # what is not guaranteed is weighed
+    assert L.gate_weights("openai")["fact_consistency"] > 0  # nothing is guaranteed on a remote server
+
+
+def test_a_prompt_file_cannot_set_its_own_bar(prompts):
+    import yaml
+    data = yaml.safe_load((prompts.root / "v2.yaml").read_text()) | {"version": "v9"}
+    data["eval_criteria"]["gate_threshold"] = 0.1
+    (prompts.root / "v9.yaml").write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["eval", "gate", "--prompt", "v9", "--n", "1"])
+    assert r.exit_code == 2 and "gate_threshold" in r.output, r.output
 
 
 # --- PSI and drift ----------------------------------------------------------------------------------------------
