@@ -571,14 +571,16 @@ def fairness_table(y: np.ndarray,  # 0/1 labels
 ID_PATTERN = r"\bC\d{8}\b|\bOF\d{6}\b"  # customer and offer ids of the world
 
 def copy_checks(copies: list[dict],  # per copy: text + fact_spans + banned (an EvalResult's `copies`)
-                t: AuditThresholds = AuditThresholds()) -> dict:
-    "Invented facts, pressure wording and id leaks over generated copies, with pass/fail."
+                t: AuditThresholds = AuditThresholds(),
+                guaranteed: list[str] = ()) -> dict:  # criteria the copies' decoding route guarantees (an EvalResult's `guaranteed`)
+    "Invented facts, pressure wording and id leaks over generated copies, with pass/fail; says when decoding guarantees the fact rate."
     made = [c for c in copies if c.get("text")]
     n = max(len(made), 1)
     invented = sum(bool(c["fact_spans"]) for c in made) / n
     pressure = sum(bool(c["banned"]) for c in made) / n
     leaks = [c["id"] for c in made if re.search(ID_PATTERN, c["text"])]
-    return dict(n=len(made), invented_fact_rate=invented, pressure_rate=pressure, id_leaks=len(leaks), leaked_in=leaks,
+    return dict(n=len(made), invented_fact_rate=invented, invented_fact_guaranteed="fact_consistency" in guaranteed,
+                pressure_rate=pressure, id_leaks=len(leaks), leaked_in=leaks,
                 passed=invented <= t.invented_fact_rate and pressure <= t.pressure_rate and len(leaks) <= t.id_leaks)
 
 # %% ../nbs/05_llmops.ipynb #1d72a219
@@ -593,14 +595,16 @@ def audit_test_month(smoke: bool = False, model=None) -> tuple[np.ndarray, np.nd
     test = test.merge(first, on="customer_id", how="left")
     return test.label.to_numpy(), (model.predict(test) >= model.threshold).astype(int), audit_segments(test)
 
-def audit(smoke: bool = False, copies: list[dict] | None = None, t: AuditThresholds = AuditThresholds(), model=None) -> dict:
+def audit(smoke: bool = False, copies: list[dict] | None = None, t: AuditThresholds = AuditThresholds(), model=None,
+          guaranteed: list[str] = ()) -> dict:  # what the copies' route guarantees (read from the evaluation when `copies` is None)
     "The audit: fairness on the test month and copy checks on `copies` (None = the latest saved evaluation's)."
     y, y_pred, seg = audit_test_month(smoke, model)
     fair = fairness_table(y, y_pred, seg, t)
     if copies is None:
         hist = eval_history()
-        copies = json.loads(Path(hist.path.iloc[-1]).read_text())["copies"] if len(hist) else []
-    checks = copy_checks(copies, t)
+        latest = json.loads(Path(hist.path.iloc[-1]).read_text()) if len(hist) else {}
+        copies, guaranteed = latest.get("copies", []), latest.get("guaranteed", [])
+    checks = copy_checks(copies, t, guaranteed)
     return dict(created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), thresholds=t.model_dump(), n_test=len(y),
                 fairness=fair.reset_index().to_dict("records"), copy=checks, passed=bool(fair.passed.all() and checks["passed"] and checks["n"] > 0))
 
@@ -613,7 +617,8 @@ def audit_markdown(report: dict) -> str:
     lines += [f"| {s} | {r.groups} | {r.demographic_parity_difference:.3f} | {r.equalized_odds_difference:.3f} | {'yes' if r.passed else 'NO'} |" for s, r in f.iterrows()]
     c, t = report["copy"], report["thresholds"]
     lines += ["", "## Copy checks", "", f"- copies checked: {c['n']}" + (" (none: run `loyaltylens eval run` first)" if not c["n"] else ""),
-              f"- invented facts: {c['invented_fact_rate']:.1%} (max {t['invented_fact_rate']:.0%})",
+              f"- invented facts: {c['invented_fact_rate']:.1%} (max {t['invented_fact_rate']:.0%})"
+              + (" — guaranteed by decoding on this route, not a measurement (notebook 04 measures `fact_check` on hand labels)" if c["invented_fact_guaranteed"] else ""),
               f"- pressure wording: {c['pressure_rate']:.1%} (max {t['pressure_rate']:.0%})", f"- customer ids in copy: {c['id_leaks']} (max {t['id_leaks']})",
               "", f"Thresholds: demographic parity ≤ {t['demographic_parity']}, equalized odds ≤ {t['equalized_odds']}."]
     return "\n".join(lines)
