@@ -105,11 +105,11 @@ def utility_parts(copy,  # an `OfferCopy`/`CopyText` or a dict with headline, bo
     said = set(content_words(cta))
     true, false = habit_cues(text, context)
     return dict(product=product, on_offer=float(np.mean(topical)) if topical else 0.0, personal=float(np.clip(true - false, -1, 1)),
-                cta=1.0 if said & (terms["product"] | terms["brand"]) else 0.6 if said & ACTION_VERBS else 0.0,
+                call_to_action=1.0 if said & (terms["product"] | terms["brand"]) else 0.6 if said & ACTION_VERBS else 0.0,
                 readable=readability(body, text, context["discount"]))
 
 # %% ../nbs/04b_readers.ipynb #983114af
-TASTE_WEIGHTS = dict(product=0.25, on_offer=0.2, personal=0.2, cta=0.15, readable=0.2)  # how much each part matters to a reader
+TASTE_WEIGHTS = dict(product=0.25, on_offer=0.2, personal=0.2, call_to_action=0.15, readable=0.2)  # how much each part matters to a reader
 
 def copy_utility(copy, context: dict) -> float:  # as for `utility_parts`
     "The reader's hidden utility of one copy in its context: the weighted parts (about 0..1; a false habit claim can take it below 0)."
@@ -166,15 +166,15 @@ def corpus_key(n: int, smoke: bool, seed: int) -> str:  # contexts, the small wo
 def write_corpus(contexts: list[dict], seed: int = 0, progress: bool = True) -> pd.DataFrame:  # from `corpus_contexts`
     "One copy per version of CORPUS_VERSIONS for each context, by `write_copy` as serving calls it (contexts with no valid copy are skipped)."
     from tqdm.auto import tqdm
-    rows = []
-    for (i, c), v in tqdm([(ic, v) for ic in enumerate(contexts) for v in CORPUS_VERSIONS], desc="copy corpus", disable=not progress):
+    rows = []  # version by version: each version's few-shot prefix stays in the model's cache across contexts
+    for v, (i, c) in tqdm([(v, ic) for v in CORPUS_VERSIONS for ic in enumerate(contexts)], desc="copy corpus", disable=not progress):
         try: copy = write_copy(c["customer"], c["propensity"], c["offer"], version=v, seed=seed * 10_000 + i)
         except GenerationError: continue
         ctx = prompt_context(c["customer"], c["propensity"], c["offer"])
         rows.append(dict(context_id=i, split=c["split"], customer_id=ctx["customer_id"], offer_id=ctx["offer_id"], version=v, context=json.dumps(ctx),
                          customer=json.dumps(c["customer"], default=str), offer=json.dumps(c["offer"], default=str),
                          **{k: getattr(copy, k) for k in ("headline", "body", "cta", "tone")}))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).sort_values(["context_id", "version"], key=lambda col: col.map(CORPUS_VERSIONS.index) if col.name == "version" else col, ignore_index=True)
 
 # %% ../nbs/04b_readers.ipynb #4ebae773
 def build_corpus(n: int,  # contexts
@@ -194,6 +194,8 @@ def build_corpus(n: int,  # contexts
 # %% ../nbs/04b_readers.ipynb #98061e7e
 def with_utility(corpus: pd.DataFrame) -> pd.DataFrame:  # copies with headline, body, cta and their `context` as JSON
     "The corpus with each copy's hidden utility and its parts (truth: for simulating reviewers and for grading, never for training)."
+    clash = set(TASTE_WEIGHTS) & set(corpus.columns)
+    if clash: raise ValueError(f"corpus: columns {sorted(clash)} would be overwritten by the utility's parts")
     parts = pd.DataFrame([utility_parts(r, json.loads(r["context"])) for _, r in corpus.iterrows()], index=corpus.index)
     return corpus.assign(**parts, utility=parts[list(TASTE_WEIGHTS)].to_numpy() @ np.array(list(TASTE_WEIGHTS.values())))
 
