@@ -31,7 +31,8 @@ __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDER
            'DANGLING', 'ALWAYS_ALLOWED_NAMES', 'VERSION_RE', 'ACTIVATE_LOCK_TIMEOUT_S', 'TOP_K', 'TOP_P', 'MIN_P',
            'RETRY_TEMPERATURE_STEP', 'MAX_TEMPERATURE', 'RETRY_BUDGET_GROWTH', 'MAX_REJECTIONS', 'MAX_BACKTRACKS',
            'MAX_WORD_CHARS', 'DECODE_BANNED', 'CHANNEL_DECODE_WORDS', 'SHOT_BRANDS', 'TIME_WORDS', 'CODE_WORDS',
-           'N_SPECIAL', 'MAX_SHORT_PIECE', 'COPY_VOCAB_RULES', 'BODY_SENTENCE_WORDS', 'LOCAL_ROUTES', 'ATTEMPTS',
+           'N_SPECIAL', 'MAX_SHORT_PIECE', 'COPY_VOCAB_RULES', 'LAPSED_AFTER_DAYS', 'LOYAL_MAX_RECENCY',
+           'LOYAL_MIN_PURCHASES', 'URGENT_MAX_DAYS', 'BODY_SENTENCE_WORDS', 'LOCAL_ROUTES', 'ATTEMPTS',
            'BRAND_VIOLATION_PENALTY', 'CLIP_MODEL', 'router', 'copy_app', 'PLAIN_SAMPLES', 'n_words', 'CopyText',
            'OfferCopy', 'PromptError', 'prompt_context', 'placeholders', 'render_prompt', 'offer_facts',
            'number_problems', 'fact_problems', 'fact_check', 'EvalCriteria', 'FewShot', 'PromptVersion', 'Activation',
@@ -39,13 +40,13 @@ __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDER
            'copy_grammar', 'mentions_offer', 'check_copy', 'RawCompletion', 'few_shot_prompt', 'DecodeRules',
            'decode_rules', 'growing', 'new_problems', 'piece_ok', 'offer_and_customer', 'english_words', 'copy_texts',
            'vocabulary', 'copy_vocabulary', 'trim_vocabulary', 'copy_gguf_path', 'decode_step_ms', 'CopyDecoder',
-           'load_decoder', 'last_word_tokens', 'whole_sentences', 'without_dangling', 'skeleton_attempt',
-           'gbnf_attempt', 'local_attempt', 'gbnf_accepts', 'copy_pattern', 'GenerationError', 'chat_messages',
-           'openai_client', 'openai_attempt', 'write_copy', 'offer_catalog', 'customer_context', 'get_offer',
-           'generate_copy', 'brand_dir', 'BrandGuide', 'load_brand_guide', 'BrandScore', 'copy_text',
-           'brand_violations', 'brand_scores', 'clip_weights_available', 'ClipScorer', 'random_clip_scorer',
-           'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts', 'generate_endpoint', 'generate_cmd',
-           'plain_tokens_per_s', 'schema_valid', 'bench_route', 'bench_copy', 'bench_copy_cmd']
+           'load_decoder', 'last_word_tokens', 'customer_segment', 'allowed_tones', 'whole_sentences',
+           'without_dangling', 'skeleton_attempt', 'gbnf_attempt', 'local_attempt', 'gbnf_accepts', 'copy_pattern',
+           'GenerationError', 'chat_messages', 'openai_client', 'openai_attempt', 'write_copy', 'offer_catalog',
+           'customer_context', 'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide', 'load_brand_guide',
+           'BrandScore', 'copy_text', 'brand_violations', 'brand_scores', 'clip_weights_available', 'ClipScorer',
+           'random_clip_scorer', 'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts', 'generate_endpoint',
+           'generate_cmd', 'plain_tokens_per_s', 'schema_valid', 'bench_route', 'bench_copy', 'bench_copy_cmd']
 
 # %% ../nbs/04_generation.ipynb #8ec69637
 WORD_LIMITS = {"headline": 8, "body": 40, "cta": 5}  # hard limits of the contract; a prompt version may be stricter
@@ -804,11 +805,30 @@ def sample_field(self: CopyDecoder,
         tokens.append(token); pieces.append(piece)
         self.llm.eval([token])
 
-# %% ../nbs/04_generation.ipynb #87b317ef
+# %% ../nbs/04_generation.ipynb #1cd2a1f8
+LAPSED_AFTER_DAYS = 30  # no event for longer than this: a lapsed customer
+LOYAL_MAX_RECENCY = 7  # loyal: seen within a week ...
+LOYAL_MIN_PURCHASES = 4  # ... and at least this many purchases in 30 days
+URGENT_MAX_DAYS = 7  # the rule: "urgent only when the offer ends within a week"
+
+def customer_segment(customer: dict) -> Literal["loyal", "regular", "lapsed"]:  # a feature row
+    "loyal, regular or lapsed, from recency and 30-day purchases."
+    if customer["recency_days"] <= LOYAL_MAX_RECENCY and customer["frequency_30d"] >= LOYAL_MIN_PURCHASES: return "loyal"
+    return "lapsed" if customer["recency_days"] > LAPSED_AFTER_DAYS else "regular"
+
+def allowed_tones(customer: dict,  # a feature row
+                  offer: dict) -> set[str]:  # an offer row
+    "The tones the house rule allows: exclusive for loyal customers, friendly otherwise; urgent only when the offer ends within a week."
+    return {"exclusive" if customer_segment(customer) == "loyal" else "friendly"} | ({"urgent"} if offer["expiry_days"] <= URGENT_MAX_DAYS else set())
+
+# %% ../nbs/04_generation.ipynb #f14fbfbe
 @patch
-def pick_tone(self: CopyDecoder, temperature: float, rng: np.random.Generator) -> str:
-    "Draw the tone from the model's probabilities of the three tones' first tokens."
-    z = self.logits()[self.tone_tokens] / max(temperature, 1e-3)
+def pick_tone(self: CopyDecoder, temperature: float, rng: np.random.Generator,
+              allowed=TONES) -> str:  # the tones the house rule allows here (`allowed_tones`)
+    "Draw the tone from the model's probabilities of the allowed tones' first tokens."
+    keep = np.array([t in allowed for t in TONES])
+    if not keep.any(): raise ValueError(f"allowed: none of {sorted(allowed)} is a tone; tones are {TONES}")
+    z = np.where(keep, self.logits()[self.tone_tokens] / max(temperature, 1e-3), -np.inf)
     p = np.exp(z - z.max())
     return TONES[rng.choice(len(TONES), p=p / p.sum())]
 
@@ -830,7 +850,8 @@ def without_dangling(text: str, keep: str = "") -> str:
 def skeleton_attempt(decoder: CopyDecoder, prompt: PromptVersion, context: dict, attempt: int = 0, seed: int = 0) -> RawCompletion:
     "One copy by the fast route: the program writes the JSON around the values, the model samples only the values."
     s, limits = _sampling(prompt, attempt), prompt.eval_criteria.word_limits
-    prefix, rules = render_prompt(prompt.headline_prefix, context), decode_rules(*offer_and_customer(context))
+    prefix, (offer, customer) = render_prompt(prompt.headline_prefix, context), offer_and_customer(context)
+    rules = decode_rules(offer, customer)
     text = few_shot_prompt(prompt, context, f"prompts/{prompt.version}.yaml") + ' {"headline": "' + prefix
     evaluated = decoder.eval_prompt(text)
     t0, sampler, values, generated = time.perf_counter(), decoder.sampler(s["temperature"], seed + attempt), {}, 0
@@ -839,7 +860,7 @@ def skeleton_attempt(decoder: CopyDecoder, prompt: PromptVersion, context: dict,
         value, n, _ = decoder.sample_field(sampler, rules, limits[key], prefix if key == "headline" else "",
                                            BODY_SENTENCE_WORDS if key == "body" else None, key, glue)
         values[key], generated, evaluated = value.strip(), generated + n, evaluated + len(decoder.tokens(glue))
-    values["tone"] = decoder.pick_tone(s["temperature"], np.random.default_rng(seed + attempt))
+    values["tone"] = decoder.pick_tone(s["temperature"], np.random.default_rng(seed + attempt), allowed_tones(customer, offer))
     values["body"] = whole_sentences(values["body"])
     values["headline"], values["cta"] = without_dangling(values["headline"], prefix), without_dangling(values["cta"])
     return RawCompletion(json.dumps(values, ensure_ascii=False), len(decoder.tokens(text, bos=True)), generated + 1, f"{decoder.path.stem} (llama-cpp, fast)",

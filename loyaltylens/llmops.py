@@ -23,25 +23,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from .core import path_option, BadInput, app, demo_step, get_settings, load_llm, mlflow_experiment, workspace
 from .generation import (ACTIVATE_LOCK_TIMEOUT_S, VERSION_RE, Activation, ActiveFile, CopyText,
                                     GenerationError, PromptError, PromptRegistry, UnknownPromptVersion, brand_scores,
-                                    WORD_LIMITS, copy_text, fact_check, load_brand_guide, mentions_offer, n_words, prompt_context,
+                                    WORD_LIMITS, allowed_tones, copy_text, customer_segment, fact_check, load_brand_guide, mentions_offer, n_words, prompt_context,
                                     write_atomic, write_copy)
 
 # %% auto #0
-__all__ = ['LAPSED_AFTER_DAYS', 'LOYAL_MAX_RECENCY', 'LOYAL_MIN_PURCHASES', 'URGENT_MAX_DAYS', 'CRITERIA', 'RULE_CRITERIA',
-           'GATE_WEIGHTS', 'GATE_THRESHOLD', 'ROUTE_GUARANTEES', 'HOUSE_BANNED', 'JUDGE_RUBRIC', 'JUDGE_LABELS',
-           'DIGIT_GRAMMAR', 'DEGRADATIONS', 'JUDGE_MIN_ACCURACY', 'BOOTSTRAP_RESAMPLES', 'EVAL_EXPERIMENT',
-           'PUBLISHED_DEFAULT_JUDGE', 'PSI_FLOOR', 'TZ_BUG_HOURS', 'TENURE_BINS', 'TENURE_LABELS', 'ID_PATTERN',
-           'prompt_app', 'eval_app', 'GATE_COPIES_PER_CASE', 'drift_app', 'router', 'activation_lock',
-           'customer_segment', 'allowed_tones', 'GoldenCase', 'golden_path', 'load_golden', 'gate_cases', 'bleu',
-           'rouge_l', 'banned_found', 'reference_brand_score', 'score_copy', 'reward_criterion', 'judge_prompt',
-           'judge_copy', 'judge_score', 'degrade', 'degraded_pairs', 'validate_judge', 'gate_weights',
-           'bootstrap_interval', 'generate_for', 'backend_route', 'EvalResult', 'evaluate', 'evals_dir', 'save_eval',
-           'eval_history', 'tautology_score', 'rule_score', 'paired_agreement', 'rules_vs_reward', 'psi_bins', 'psi',
-           'DriftThresholds', 'drift_status', 'drift_report', 'save_drift_report', 'timezone_bug_export',
-           'drift_demo_store', 'AuditThresholds', 'audit_segments', 'fairness_table', 'copy_checks', 'audit_test_month',
-           'audit', 'audit_markdown', 'dashboard_data', 'prompt_list', 'prompt_show', 'prompt_diff', 'prompt_activate',
-           'prompt_rollback', 'eval_run', 'eval_gate', 'drift_check', 'audit_cmd', 'dashboard_cmd', 'require_token',
-           'ActivateRequest', 'prompts_endpoint', 'latest_eval_endpoint', 'activate_endpoint']
+__all__ = ['CRITERIA', 'RULE_CRITERIA', 'GATE_WEIGHTS', 'GATE_THRESHOLD', 'ROUTE_GUARANTEES', 'HOUSE_BANNED', 'JUDGE_RUBRIC',
+           'JUDGE_LABELS', 'DIGIT_GRAMMAR', 'DEGRADATIONS', 'JUDGE_MIN_ACCURACY', 'BOOTSTRAP_RESAMPLES',
+           'EVAL_EXPERIMENT', 'PUBLISHED_DEFAULT_JUDGE', 'PSI_FLOOR', 'TZ_BUG_HOURS', 'TENURE_BINS', 'TENURE_LABELS',
+           'ID_PATTERN', 'prompt_app', 'eval_app', 'GATE_COPIES_PER_CASE', 'drift_app', 'router', 'activation_lock',
+           'GoldenCase', 'golden_path', 'load_golden', 'gate_cases', 'bleu', 'rouge_l', 'banned_found',
+           'reference_brand_score', 'score_copy', 'reward_criterion', 'judge_prompt', 'judge_copy', 'judge_score',
+           'degrade', 'degraded_pairs', 'validate_judge', 'gate_weights', 'bootstrap_interval', 'generate_for',
+           'backend_route', 'EvalResult', 'evaluate', 'evals_dir', 'save_eval', 'eval_history', 'tautology_score',
+           'rule_score', 'paired_agreement', 'rules_vs_reward', 'psi_bins', 'psi', 'DriftThresholds', 'drift_status',
+           'drift_report', 'save_drift_report', 'timezone_bug_export', 'drift_demo_store', 'AuditThresholds',
+           'audit_segments', 'fairness_table', 'copy_checks', 'audit_test_month', 'audit', 'audit_markdown',
+           'dashboard_data', 'prompt_list', 'prompt_show', 'prompt_diff', 'prompt_activate', 'prompt_rollback',
+           'eval_run', 'eval_gate', 'drift_check', 'audit_cmd', 'dashboard_cmd', 'require_token', 'ActivateRequest',
+           'prompts_endpoint', 'latest_eval_endpoint', 'activate_endpoint']
 
 # %% ../nbs/05_llmops.ipynb #bb73e492
 @patch
@@ -73,22 +72,6 @@ def rollback(self: PromptRegistry,
         new = ActiveFile(active=target, history=[*current.history, entry])
         write_atomic(self.active_path, yaml.safe_dump(new.model_dump(), sort_keys=False, allow_unicode=True))
     return entry
-
-# %% ../nbs/05_llmops.ipynb #f1d0c546
-LAPSED_AFTER_DAYS = 30  # no event for longer than this: a lapsed customer
-LOYAL_MAX_RECENCY = 7  # loyal: seen within a week ...
-LOYAL_MIN_PURCHASES = 4  # ... and at least this many purchases in 30 days
-URGENT_MAX_DAYS = 7  # v2's rule: "urgent only when the offer ends within a week"
-
-def customer_segment(customer: dict) -> Literal["loyal", "regular", "lapsed"]:  # a feature row
-    "loyal, regular or lapsed, from recency and 30-day purchases."
-    if customer["recency_days"] <= LOYAL_MAX_RECENCY and customer["frequency_30d"] >= LOYAL_MIN_PURCHASES: return "loyal"
-    return "lapsed" if customer["recency_days"] > LAPSED_AFTER_DAYS else "regular"
-
-def allowed_tones(customer: dict,  # a feature row
-                  offer: dict) -> set[str]:  # an offer row
-    "The tones the prompt rules allow: exclusive for loyal customers, friendly otherwise; urgent only when the offer ends within a week."
-    return {"exclusive" if customer_segment(customer) == "loyal" else "friendly"} | ({"urgent"} if offer["expiry_days"] <= URGENT_MAX_DAYS else set())
 
 # %% ../nbs/05_llmops.ipynb #19d4457f
 class GoldenCase(BaseModel):
@@ -123,9 +106,9 @@ CRITERIA = ("schema_valid", "within_limits", "mentions_offer", "fact_consistency
             "brand_similarity", "rouge_l", "bleu", "reward_model")
 RULE_CRITERIA = ("schema_valid", "within_limits", "mentions_offer", "fact_consistency", "tone_rule", "no_banned_phrases")  # decided by a rule
 GATE_WEIGHTS = dict(schema_valid=0.1, within_limits=0.05, mentions_offer=0.05, fact_consistency=0.2, tone_rule=0.1, no_banned_phrases=0.1,
-                    brand_similarity=0.05, rouge_l=0.025, bleu=0.025, reward_model=0.3)  # the house weights, before a route's guarantees
+                    brand_similarity=0.05, rouge_l=0.0125, bleu=0.0125, reward_model=0.325)  # the house weights, before a route's guarantees
 GATE_THRESHOLD = 0.75  # the house bar: the lower end of the score's 95% interval must clear it
-ROUTE_GUARANTEES = {"fast": ("schema_valid", "within_limits", "mentions_offer", "fact_consistency"),
+ROUTE_GUARANTEES = {"fast": ("schema_valid", "within_limits", "mentions_offer", "fact_consistency", "tone_rule"),
                     "gbnf": ("schema_valid", "within_limits", "mentions_offer"),
                     "transformers": ("mentions_offer",), "openai": ()}  # what each route's decoding guarantees
 HOUSE_BANNED = ("act now", "guaranteed", "limited time only", "cheapest", "don't miss out", "click here", "buy now", "hurry")  # with the brand guide's

@@ -16,17 +16,17 @@ import torch
 import typer
 
 from .core import app, get_settings, workspace, workspace_lock
-from .generation import GenerationError, prompt_context, prompts_dir, write_copy
+from .generation import (LAPSED_AFTER_DAYS, LOYAL_MAX_RECENCY, LOYAL_MIN_PURCHASES, GenerationError, prompt_context,
+                                    prompts_dir, write_copy)
 
 # %% auto #0
-__all__ = ['STOPWORDS', 'LAPSED_AFTER_DAYS', 'RECENT_WITHIN_DAYS', 'FREQUENT_PURCHASES', 'RARE_PURCHASES', 'AWAY_CUES',
-           'REGULAR_CUES', 'CLICHES', 'ACTION_VERBS', 'IDEAL_SENTENCE_WORDS', 'LENGTH_COST', 'CLICHE_COST',
-           'REPEAT_COST', 'TASTE_WEIGHTS', 'COPY_LOGIT_PER_UTILITY', 'NEUTRAL_UTILITY', 'CORPUS_VERSIONS',
-           'HELDOUT_SHARE', 'REVIEWER_AGREEMENT', 'TIE_MARGIN', 'N_REVIEWERS', 'LENIENCY_SD', 'JUDGEMENTS_PER_PAIR',
-           'CORPUS_CONTEXTS', 'readers_app', 'content_words', 'offer_terms', 'copy_text', 'habit_cues', 'sentences',
-           'readability', 'utility_parts', 'copy_utility', 'redeem_with_copy', 'heldout', 'corpus_contexts',
-           'corpus_key', 'write_corpus', 'build_corpus', 'with_utility', 'context_pairs', 'choices', 'agreement',
-           'calibrate_noise', 'stars', 'judge_pairs', 'pairwise_accuracy', 'context_line', 'habit_numbers',
+__all__ = ['STOPWORDS', 'RARE_PURCHASES', 'AWAY_CUES', 'REGULAR_CUES', 'CLICHES', 'ACTION_VERBS', 'IDEAL_SENTENCE_WORDS',
+           'LENGTH_COST', 'CLICHE_COST', 'REPEAT_COST', 'TASTE_WEIGHTS', 'COPY_LOGIT_PER_UTILITY', 'NEUTRAL_UTILITY',
+           'CORPUS_VERSIONS', 'HELDOUT_SHARE', 'REVIEWER_AGREEMENT', 'TIE_MARGIN', 'N_REVIEWERS', 'LENIENCY_SD',
+           'JUDGEMENTS_PER_PAIR', 'CORPUS_CONTEXTS', 'readers_app', 'content_words', 'offer_terms', 'copy_text',
+           'habit_cues', 'sentences', 'readability', 'utility_parts', 'copy_utility', 'redeem_with_copy', 'heldout',
+           'corpus_contexts', 'corpus_key', 'write_corpus', 'build_corpus', 'with_utility', 'context_pairs', 'choices',
+           'agreement', 'calibrate_noise', 'stars', 'judge_pairs', 'pairwise_accuracy', 'context_line', 'habit_numbers',
            'reward_inputs', 'RewardHead', 'bradley_terry_loss', 'RewardTraining', 'train_reward', 'rewards',
            'within_context_spearman', 'grade_reward', 'flipped_control', 'RewardModel', 'reward_model_path',
            'fit_reward_model', 'save_reward_model', 'load_reward_model', 'default_reward_model', 'train_cmd']
@@ -50,10 +50,7 @@ def offer_terms(context: dict) -> dict[str, set[str]]:  # `prompt_context` of a 
     return dict(brand=set(content_words(brand if rest else "")), product=set(content_words(product)), shown=set(content_words(shown)))
 
 # %% ../nbs/04b_readers.ipynb #3ecca11e
-LAPSED_AFTER_DAYS = 30  # no visit for longer: the reader has been away
-RECENT_WITHIN_DAYS = 7  # a visit within a week: the reader is not "back"
-FREQUENT_PURCHASES = 4  # purchases in 30 days from which the reader is a regular
-RARE_PURCHASES = 1  # at most this many: calling the reader a regular is false
+RARE_PURCHASES = 1  # at most this many purchases in 30 days: calling the reader a regular is false
 AWAY_CUES = r"\b(?:been a while|welcome back|come back|missed you|back again|it has been|return)\b"  # copy says: you have been away
 REGULAR_CUES = r"\b(?:regulars?|so often|loyal|loyalty|usual|favourite|thanks? (?:you )?for (?:shopping|being|coming|visiting))\b"  # copy says: you come often
 
@@ -67,8 +64,8 @@ def habit_cues(text: str, context: dict) -> tuple[int, int]:  # copy text; `prom
     text = text.lower()
     away, regular = re.search(AWAY_CUES, text) is not None, re.search(REGULAR_CUES, text) is not None
     days, buys = int(context["recency_days"]), int(context["frequency_30d"])
-    true = (away and days > LAPSED_AFTER_DAYS) + (regular and buys >= FREQUENT_PURCHASES)
-    false = (away and days <= RECENT_WITHIN_DAYS) + (regular and buys <= RARE_PURCHASES)
+    true = (away and days > LAPSED_AFTER_DAYS) + (regular and buys >= LOYAL_MIN_PURCHASES)
+    false = (away and days <= LOYAL_MAX_RECENCY) + (regular and buys <= RARE_PURCHASES)
     return int(true), int(false)
 
 # %% ../nbs/04b_readers.ipynb #bc7b330c

@@ -98,7 +98,7 @@ def test_eval_gate_passes_active_and_fails_v3_pushy():
     bad = runner.invoke(app, ["eval", "gate", "--prompt", "v3-pushy", "--n", str(GATE_N), "--copies", "1"])
     assert bad.exit_code == 1, bad.output
     assert "FAIL" in bad.output and "PASS" in ok.output and "95% interval" in ok.output
-    assert "guaranteed by decoding, weigh 0: schema_valid, within_limits, mentions_offer, fact_consistency" in ok.output
+    assert "guaranteed by decoding, weigh 0: schema_valid, within_limits, mentions_offer, fact_consistency, tone_rule" in ok.output
     print(f"gate run of the active prompt: {took:.1f} s")
     # results saved as JSON and logged to MLflow, one run per evaluation
     hist = L.eval_history()
