@@ -28,25 +28,28 @@ from .core import (BadInput, app, bench_app, demo_step, gemma_gguf_path, get_set
 # %% auto #0
 __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDERS', 'NUMBER_WORDS', 'UNIT_DAYS',
            'CHANNEL_PHRASES', 'FIRST_PERSON_WORDS', 'FIRST_PERSON', 'MARKUP', 'DATE_NAMES', 'BENEFITS', 'RELATIVE_TIME',
-           'DANGLING', 'ALWAYS_ALLOWED_NAMES', 'VERSION_RE', 'ACTIVATE_LOCK_TIMEOUT_S', 'TOP_K', 'TOP_P', 'MIN_P',
-           'RETRY_TEMPERATURE_STEP', 'MAX_TEMPERATURE', 'RETRY_BUDGET_GROWTH', 'MAX_REJECTIONS', 'MAX_BACKTRACKS',
-           'MAX_WORD_CHARS', 'DECODE_BANNED', 'CHANNEL_DECODE_WORDS', 'SHOT_BRANDS', 'TIME_WORDS', 'CODE_WORDS',
-           'N_SPECIAL', 'MAX_SHORT_PIECE', 'COPY_VOCAB_RULES', 'LAPSED_AFTER_DAYS', 'LOYAL_MAX_RECENCY',
+           'DANGLING', 'ALWAYS_ALLOWED_NAMES', 'THIRD_PERSON', 'LAPSED_DAYS', 'LAPSE_PHRASES', 'CLAIMS', 'CONDITIONS',
+           'SCOPE', 'SCARCITY', 'SHORT_UNITS', 'CATEGORY_NOUNS', 'VERSION_RE', 'ACTIVATE_LOCK_TIMEOUT_S', 'TOP_K',
+           'TOP_P', 'MIN_P', 'RETRY_TEMPERATURE_STEP', 'MAX_TEMPERATURE', 'RETRY_BUDGET_GROWTH', 'MAX_REJECTIONS',
+           'MAX_BACKTRACKS', 'MAX_WORD_CHARS', 'DECODE_BANNED', 'CHANNEL_DECODE_WORDS', 'SHOT_BRANDS', 'TIME_WORDS',
+           'CODE_WORDS', 'N_SPECIAL', 'MAX_SHORT_PIECE', 'COPY_VOCAB_RULES', 'LAPSED_AFTER_DAYS', 'LOYAL_MAX_RECENCY',
            'LOYAL_MIN_PURCHASES', 'URGENT_MAX_DAYS', 'BODY_SENTENCE_WORDS', 'LOCAL_ROUTES', 'ATTEMPTS',
-           'BRAND_VIOLATION_PENALTY', 'CLIP_MODEL', 'router', 'copy_app', 'PLAIN_SAMPLES', 'n_words', 'CopyText',
-           'OfferCopy', 'PromptError', 'prompt_context', 'placeholders', 'render_prompt', 'offer_facts',
-           'number_problems', 'fact_problems', 'fact_check', 'EvalCriteria', 'FewShot', 'PromptVersion', 'Activation',
-           'ActiveFile', 'prompts_dir', 'UnknownPromptVersion', 'version_key', 'PromptRegistry', 'write_atomic',
-           'copy_grammar', 'mentions_offer', 'check_copy', 'RawCompletion', 'few_shot_prompt', 'DecodeRules',
-           'decode_rules', 'growing', 'new_problems', 'piece_ok', 'offer_and_customer', 'english_words', 'copy_texts',
-           'vocabulary', 'copy_vocabulary', 'trim_vocabulary', 'copy_gguf_path', 'decode_step_ms', 'CopyDecoder',
-           'load_decoder', 'last_word_tokens', 'customer_segment', 'allowed_tones', 'whole_sentences',
-           'without_dangling', 'skeleton_attempt', 'gbnf_attempt', 'local_attempt', 'gbnf_accepts', 'copy_pattern',
-           'GenerationError', 'chat_messages', 'openai_client', 'openai_attempt', 'write_copy', 'offer_catalog',
-           'customer_context', 'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide', 'load_brand_guide',
-           'BrandScore', 'copy_text', 'brand_violations', 'brand_scores', 'clip_weights_available', 'ClipScorer',
-           'random_clip_scorer', 'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts', 'generate_endpoint',
-           'generate_cmd', 'plain_tokens_per_s', 'schema_valid', 'bench_route', 'bench_copy', 'bench_copy_cmd']
+           'FACT_CHECK_BARS', 'BRAND_VIOLATION_PENALTY', 'CLIP_MODEL', 'router', 'copy_app', 'PLAIN_SAMPLES', 'n_words',
+           'CopyText', 'OfferCopy', 'PromptError', 'prompt_context', 'placeholders', 'render_prompt', 'offer_facts',
+           'number_problems', 'claim_problems', 'fact_problems', 'fact_check', 'EvalCriteria', 'FewShot',
+           'PromptVersion', 'Activation', 'ActiveFile', 'prompts_dir', 'UnknownPromptVersion', 'version_key',
+           'PromptRegistry', 'write_atomic', 'copy_grammar', 'mentions_offer', 'check_copy', 'RawCompletion',
+           'few_shot_prompt', 'DecodeRules', 'decode_rules', 'growing', 'new_problems', 'piece_ok',
+           'offer_and_customer', 'english_words', 'copy_texts', 'vocabulary', 'copy_vocabulary', 'trim_vocabulary',
+           'copy_gguf_path', 'decode_step_ms', 'CopyDecoder', 'load_decoder', 'last_word_tokens', 'customer_segment',
+           'allowed_tones', 'whole_sentences', 'without_dangling', 'skeleton_attempt', 'gbnf_attempt', 'local_attempt',
+           'gbnf_accepts', 'copy_pattern', 'GenerationError', 'chat_messages', 'openai_client', 'openai_attempt',
+           'write_copy', 'fact_labels_path', 'load_fact_labels', 'span_ranges', 'fact_check_row', 'fact_check_scores',
+           'offer_catalog', 'customer_context', 'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide',
+           'load_brand_guide', 'BrandScore', 'copy_text', 'brand_violations', 'brand_scores', 'clip_weights_available',
+           'ClipScorer', 'random_clip_scorer', 'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts',
+           'generate_endpoint', 'generate_cmd', 'plain_tokens_per_s', 'schema_valid', 'bench_route', 'bench_copy',
+           'bench_copy_cmd']
 
 # %% ../nbs/04_generation.ipynb #8ec69637
 WORD_LIMITS = {"headline": 8, "body": 40, "cta": 5}  # hard limits of the contract; a prompt version may be stricter
@@ -160,7 +163,8 @@ def offer_facts(offer: dict,  # one offer-catalog row (OFFER_COLUMNS)
                 channel=str(offer.get("channel", "")), customer_numbers=customer_numbers,
                 money={round(float(customer["monetary_90d"]))} if "monetary_90d" in customer else set(),
                 days={int(offer["expiry_days"])} | ({int(customer["recency_days"])} if "recency_days" in customer else set()),
-                words=_words(f"{offer['title']} {offer.get('description', '')} {offer.get('category', '')}"))
+                words=_words(f"{offer['title']} {offer.get('description', '')} {offer.get('category', '')}"),
+                text=f"{offer['title']} {offer.get('description', '')}")  # the offer as it reads, for names of more than one word
 
 def _copy_fields(copy) -> dict[str, str]:
     "headline, body and cta of an `OfferCopy`/`CopyText` or a dict."
@@ -201,6 +205,52 @@ def number_problems(text: str,  # the copy's fields joined
     out += [(m[0], "a code or date the offer does not have") for m in re.finditer(DATE_NAMES, text)]
     return out
 
+# %% ../nbs/04_generation.ipynb #41cd09b1
+THIRD_PERSON = r"\b(?:she's|she|he's|he|herself|hers|her|himself|him|his)\b"  # copy speaks to "you" about the offer: anyone else is invented
+LAPSED_DAYS = 30  # "it has been a while" is true only of a customer not seen for longer (the golden set's lapsed segment)
+LAPSE_PHRASES = r"\b(?:it has been a while|it's been a while|we miss you|welcome back|long time no see)\b"
+CLAIMS = r"\b(?:cheapest|lowest prices?|best (?:deals?|prices?|value)|leading|popular|award[- ]winning|number one|in business for|once[- ]in[- ]a[- ]lifetime)\b"
+CONDITIONS = r"\b(?:sign(?:ing)? up|register|subscribe|with (?:the|any|no|every) purchase|purchase of|first \d+)\b"
+SCOPE = r"(?:% off|discount on) (?:all\b|everything\b|any\b|your (?:next |whole |entire )?(?:purchase|order|basket)\b)"
+SCARCITY = r"\b(?:(?:only )?\d+ (?:\w+ )?left|almost gone|all gone|sold out|selling out|while stocks? lasts?|before everyone else|last chance|last minute|final hours)\b"
+SHORT_UNITS = r"(?:hours?|hrs?|minutes?|mins?|seconds?)"  # offers last whole days: any duration in these units is invented
+CATEGORY_NOUNS = {"dining": {"table", "dinner", "restaurant"}, "travel": {"trip", "stay", "room", "flight", "hotel"},
+                  "fuel": {"car", "gas", "petrol", "charge", "charging"}, "grocery": {"produce", "groceries"}}  # leak across categories
+
+def _in(word: str, words: set[str]) -> bool: return word in words or word + "s" in words or word.rstrip("s") in words
+
+def _offer_says(phrase: str, words: set[str]) -> bool:
+    "Whether every content word of `phrase` (singular or plural) is a word of the offer."
+    return all(_in(w, words) for w in re.findall(r"[a-z']+", phrase.lower()) if w not in DANGLING)
+
+def claim_problems(text: str,  # the copy's fields joined
+                   body: str,  # the body alone
+                   f: dict,  # `offer_facts`
+                   customer: dict,  # the customer's feature row
+                   final: bool = True) -> list[tuple[str, str]]:  # False: copy still being written (no whole-name checks)
+    "Products, claims, conditions, scope, people, short durations and customer claims the offer and customer do not support."
+    from loyaltylens.features import OFFER_VOCAB
+    out = [(m[0], "a person the offer does not name") for m in re.finditer(THIRD_PERSON, text, re.I)]
+    if int(customer.get("recency_days", LAPSED_DAYS + 1)) <= LAPSED_DAYS:
+        out += [(m[0], f"false about the customer: seen {customer['recency_days']} days ago") for m in re.finditer(LAPSE_PHRASES, text, re.I)]
+    for pattern, why in [(CLAIMS, "a claim the offer does not make"), (CONDITIONS, "a condition the offer does not have"),
+                         (SCOPE, "scope: the offer is on its product only"), (SCARCITY, "urgency or scarcity the offer does not have"),
+                         (rf"\b(?:\d+(?:\.\d+)?|{'|'.join(NUMBER_WORDS)})[ -]?{SHORT_UNITS}\b", "duration: offers last whole days")]:
+        out += [(m[0], why) for m in re.finditer(pattern, text, re.I) if not _offer_says(m[0], f["words"])]
+    for cat, nouns in CATEGORY_NOUNS.items():
+        if cat != f["category"]: out += [(m[0], "a product the offer does not sell") for m in re.finditer(r"\b[a-z]+\b", text, re.I)
+                                         if m[0].lower() in nouns and not _in(m[0].lower(), f["words"])]
+    for product in {p for voc in OFFER_VOCAB.values() for p in voc["products"]}:
+        out += [(m[0], "a product the offer does not sell") for m in re.finditer(rf"\b{re.escape(product.rstrip('s'))}s?\b", text, re.I)
+                if not _offer_says(product, f["words"])]
+    if final:  # a run of capitalised words each of the offer's, but not as the offer says them ("Beauty Co" for Radiance Co)
+        said = re.sub(r"[^a-z0-9&]+", " ", f["text"].lower())
+        for m in re.finditer(r"\b[A-Z][\w'&-]*(?: (?:&|[A-Z][\w'&-]*))+", body):
+            ws = re.sub(r"[^a-z0-9&]+", " ", m[0].lower()).split()
+            if all(_in(w, f["words"] | {"&"}) for w in ws) and not any(" ".join(ws[i:i + 2]) in said for i in range(len(ws) - 1)):
+                out.append((m[0], "a name that is not the offer's"))
+    return out
+
 # %% ../nbs/04_generation.ipynb #c373a8f0
 def fact_problems(copy,  # OfferCopy / CopyText / dict with headline, body, cta
                   offer: dict,  # the offer-catalog row the copy sells (OFFER_COLUMNS)
@@ -224,6 +274,7 @@ def fact_problems(copy,  # OfferCopy / CopyText / dict with headline, body, cta
     out += [(m[0], "a benefit the offer does not give") for m in re.finditer(BENEFITS, text, re.I) if m[0].lower() not in f["words"]]
     out += [(m[0], "markup") for m in re.finditer(MARKUP, text)]
     out += [(m[0], "truncated") for m in re.finditer(r"…|\.\.\.+", text)]
+    out += claim_problems(text, fields["body"], f, customer, final)
     if not final: return list(dict.fromkeys(out))
     for k in ("headline", "cta"):
         last = fields[k].split()[-1:]
@@ -1003,6 +1054,59 @@ def write_copy(customer: dict,  # feature row of the customer (FEATURE_COLUMNS, 
                          backend=backend, model=raw.model, latency_ms=(time.perf_counter() - t0) * 1000, prompt_tokens=p_tok,
                          prompt_tokens_evaluated=evaluated, completion_tokens=c_tok, attempts=attempt + 1)
     raise GenerationError(f"{backend} backend: no valid copy after {max_attempts} attempts: " + " | ".join(errors))
+
+# %% ../nbs/04_generation.ipynb #59c0f60d
+def fact_labels_path() -> Path:
+    "The hand-labelled fact set, `data/golden/fact_labels.jsonl` of the repository."
+    import loyaltylens
+    return Path(loyaltylens.__file__).resolve().parents[1] / "data" / "golden" / "fact_labels.jsonl"
+
+def load_fact_labels(path: Path | str | None = None) -> pd.DataFrame:  # default `fact_labels_path()`
+    "One row per labelled copy: id, route, prompt_version, case_id, offer, customer, headline, body, cta, tone, spans."
+    path = Path(path or fact_labels_path())
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    unlabelled = [r["id"] for r in rows if r.get("spans") is None]
+    if unlabelled: raise ValueError(f"{path}: {len(unlabelled)} rows are not labelled yet (spans: null), first {unlabelled[0]}")
+    return pd.DataFrame(rows).set_index("id", drop=False)
+
+# %% ../nbs/04_generation.ipynb #11fcad20
+def span_ranges(text: str,  # the copy's fields joined, as `fact_problems` reads them
+                spans: list[str]) -> list[tuple[int, int]]:  # spans of that text
+    "Character ranges of every occurrence of every span in `text`, as a whole word where it is one (\"us\" is not in \"bus\")."
+    def ranges(s):
+        whole = (r"(?<!\w)" if s[:1].isalnum() else "") + re.escape(s) + (r"(?!\w)" if s[-1:].isalnum() else "")
+        return [m.span() for m in re.finditer(whole, text)] or [m.span() for m in re.finditer(re.escape(s), text)]
+    return [r for s in spans for r in ranges(s)]
+
+def _overlaps(r: tuple[int, int], others: list[tuple[int, int]]) -> bool:
+    return any(r[0] < o[1] and o[0] < r[1] for o in others)
+
+# %% ../nbs/04_generation.ipynb #c195afeb
+def fact_check_row(copy: dict,  # headline, body, cta
+                   offer: dict, customer: dict,  # the facts
+                   labelled: list[str]) -> dict:  # the spans a reader marked
+    "`fact_check` on one labelled copy: predicted spans, the copy-level outcome (TP/FP/FN/TN), predicted spans right, labelled spans found."
+    text, predicted = " | ".join(_copy_fields(copy).values()), fact_check(copy, offer, customer)
+    pred_r = {s: span_ranges(text, [s]) for s in predicted}
+    gold_r = {s: span_ranges(text, [s]) for s in labelled}
+    hit = lambda rs, others: any(_overlaps(r, [o for os in others.values() for o in os]) for r in rs)
+    outcome = {(True, True): "TP", (True, False): "FP", (False, True): "FN", (False, False): "TN"}[bool(predicted), bool(labelled)]
+    return dict(predicted=predicted, outcome=outcome, spans_right=sum(hit(rs, gold_r) for rs in pred_r.values()),
+                spans_found=sum(hit(rs, pred_r) for rs in gold_r.values()))
+
+# %% ../nbs/04_generation.ipynb #f89b3bda
+FACT_CHECK_BARS = dict(copy_recall=0.95, copy_precision=0.90)  # a guard must catch nearly every invention, and not cry wolf on one copy in ten
+
+def fact_check_scores(labels: pd.DataFrame) -> tuple[pd.DataFrame, dict]:  # `load_fact_labels()`
+    "`fact_check` on every labelled copy (one row each) and its copy- and span-level precision and recall."
+    rows = pd.DataFrame([fact_check_row(_copy_fields(r), r.offer, r.customer, [s["span"] for s in r.spans]) for _, r in labels.iterrows()],
+                        index=labels.index)
+    n = rows.outcome.value_counts().reindex(["TP", "FP", "FN", "TN"], fill_value=0).to_dict()
+    n_pred, n_gold = rows.predicted.map(len).sum(), labels.spans.map(len).sum()
+    scores = dict(copy_precision=n["TP"] / max(n["TP"] + n["FP"], 1), copy_recall=n["TP"] / max(n["TP"] + n["FN"], 1),
+                  span_precision=float(rows.spans_right.sum() / max(n_pred, 1)), span_recall=float(rows.spans_found.sum() / max(n_gold, 1)),
+                  **{f"n_{k}": v for k, v in n.items()}, n_spans_predicted=int(n_pred), n_spans_labelled=int(n_gold))
+    return rows, scores
 
 # %% ../nbs/04_generation.ipynb #05dd6973
 def _smoke_default(smoke: bool | None) -> bool:

@@ -307,3 +307,22 @@ def test_fast_route_output_is_in_the_grammar_language_and_true(decoder):
         text = json.dumps(c.model_dump(include={"headline", "body", "cta", "tone"}), ensure_ascii=False)
         assert pattern.fullmatch(text), text
         assert g.fact_check(c, OFFER, CUSTOMER) == []
+
+
+# --- fact_check against the hand-labelled fact set ---
+
+def test_fact_check_meets_its_bars_on_the_hand_labels():
+    "Copy-level recall >= 0.95 and precision >= 0.90 on data/golden/fact_labels.jsonl (labelled by reading, not by fact_check)."
+    labels = g.load_fact_labels()
+    assert len(labels) >= 150 and (labels.spans.map(len) > 0).sum() >= 50, "the set is smaller than the issue asks"
+    rows, s = g.fact_check_scores(labels)
+    misses = rows[rows.outcome.isin(["FN", "FP"])].join(labels[["headline", "body", "cta", "spans"]])
+    assert s["copy_recall"] >= 0.95, (s, misses[misses.outcome == "FN"].to_dict("records"))
+    assert s["copy_precision"] >= 0.90, (s, misses[misses.outcome == "FP"].to_dict("records"))
+
+
+def test_fact_labels_spans_are_in_their_copy():
+    labels = g.load_fact_labels()
+    for _, r in labels.iterrows():
+        text = " | ".join([r.headline, r.body, r.cta])
+        assert all(s["span"] in text and s["reason"] for s in r.spans), (r.id, r.spans)
