@@ -26,8 +26,8 @@ __all__ = ['JAVA_MIN_MAJOR', 'JAVA_FIX', 'MASTER_FIX', 'MASTER_CONNECT_TIMEOUT_S
            'SparkUnavailable', 'java_executable', 'java_version', 'check_master', 'spark_session', 'events_location',
            'read_events', 'check_events', 'to_spark_sql', 'spark_features', 'compare_features', 'edge_events',
            'write_snapshot', 'build_spark_snapshots', 'spark_asof', 'spark_labels', 'spark_training_set',
-           'spark_scores', 'PeakRSS', 'measure_build', 'bench_scale', 'plot_crossover', 'crossover_verdict',
-           'capacity_estimate', 'cli_bench_scale', 'engines_agree', 'duckdb_build_rate']
+           'spark_scores', 'duckdb_profile', 'PeakRSS', 'measure_build', 'bench_scale', 'plot_crossover',
+           'crossover_verdict', 'capacity_estimate', 'cli_bench_scale', 'engines_agree', 'duckdb_build_rate']
 
 # %% ../nbs/01b_features_at_scale.ipynb #f0f50040
 JAVA_MIN_MAJOR = 17  # Spark 4 runs on Java 17 or 21
@@ -285,6 +285,7 @@ def spark_training_set(spark, snapshots, entity_df: pd.DataFrame,  # snapshot ro
     out = spark_asof(spark, snapshots, req).join(spark_labels(spark, ev, req, horizon_days), "_row").toPandas()
     out = out.sort_values("_row").set_index("_row").reindex(range(len(ent)))
     out["as_of"] = pd.to_datetime(out.as_of).dt.tz_localize("UTC").dt.as_unit("us")  # Spark hands back session-zone (UTC) wall time; µs as DuckDB
+    for c in ("recency_days", "frequency_30d"): out[c] = out[c].astype("Int64")  # counts stay integers, missing is <NA> (as DuckDB's)
     res = pd.concat([ent.reset_index(drop=True), out[[*FEATURE_COLUMNS, "as_of", "label"]].reset_index(drop=True)], axis=1)
     res.index = entity_df.index
     return res
@@ -307,7 +308,29 @@ def spark_scores(spark, features,  # a SparkSession; rows with customer_id + FEA
         for pdf in batches: yield pd.DataFrame({"customer_id": pdf.customer_id, "score": np.asarray(m.predict(pdf), dtype=float)})
     return features.select("customer_id", *FEATURE_COLUMNS).mapInPandas(score, SCORE_SCHEMA)
 
-# %% ../nbs/01b_features_at_scale.ipynb #e277eb2b
+# %% ../nbs/01b_features_at_scale.ipynb #6670e277
+def duckdb_profile(events,  # a World, Parquet file/folder/glob, or DataFrame
+                   as_of=None) -> pd.DataFrame:  # the snapshot moment; default the world's end
+    "Where one DuckDB snapshot build spends its time: operator seconds (summed over threads) of the event checks and the feature query."
+    from loyaltylens.features import _events_source
+    t = _as_of(as_of if as_of is not None else events.end)
+    con, rows = _duck(), []
+    try:
+        _events_source(con, events)
+        has_category = "category" in {r[0] for r in con.execute("DESCRIBE ev_src").fetchall()}
+        steps = {"event checks": (_EVENT_CHECK_SQL.format(category=", category" if has_category else ""), {}), "features": (_FEATURE_SQL, _feature_params(t))}
+        for step, (sql, params) in steps.items():
+            plan = json.loads(con.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params).fetchall()[0][1])
+            todo = list(plan["operator"])
+            while todo:
+                op = todo.pop(); todo += op.get("children", [])
+                rows.append(dict(step=step, operator=op["name"], seconds=op.get("timing", 0.0), rows=op.get("intermediate_rows", 0)))
+    finally: con.close()
+    df = pd.DataFrame(rows).groupby(["step", "operator"], as_index=False).agg(seconds=("seconds", "sum"), rows=("rows", "max"))
+    df["share"] = df.seconds / df.seconds.sum()
+    return df.sort_values("seconds", ascending=False).reset_index(drop=True)
+
+# %% ../nbs/01b_features_at_scale.ipynb #794ef186
 class PeakRSS:
     "Peak resident memory (MB) of this process plus its children (e.g. the Spark JVM), sampled in a thread inside a `with` block."
     def __init__(self, every_s: float = 0.05): self.every_s, self.peak_mb = every_s, 0.0  # sampling period
@@ -329,7 +352,7 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set(); self._thread.join(); self.peak_mb = max(self.peak_mb, self._sample())
 
-# %% ../nbs/01b_features_at_scale.ipynb #6a5a250a
+# %% ../nbs/01b_features_at_scale.ipynb #dea43a49
 def measure_build(engine: str,  # "duckdb" or "spark"
                   world: World,  # the events
                   spark=None,  # a SparkSession, for engine="spark"
@@ -351,7 +374,7 @@ def measure_build(engine: str,  # "duckdb" or "spark"
     return dict(engine=engine, customers=world.config["customers"], events=world.stats["events"], wall_s=wall,
                 events_per_s=world.stats["events"] / wall, peak_rss_mb=mem.peak_mb)
 
-# %% ../nbs/01b_features_at_scale.ipynb #8216ad3a
+# %% ../nbs/01b_features_at_scale.ipynb #377bb676
 BENCH_SIZES = (20_000, 200_000, 1_000_000)  # customers: `loyaltylens bench scale`, default scale
 SMOKE_SIZES = (2_000, 5_000, 10_000)  # customers: the lesson's SMOKE run (shape only; the crossover needs the big sizes)
 
@@ -376,7 +399,7 @@ def _master_cores(master: str) -> int:  # "local[2]" -> 2; local[*] and clusters
     m = re.match(r"local\[(\d+)", master)
     return int(m[1]) if m else 1 if master == "local" else os.cpu_count()
 
-# %% ../nbs/01b_features_at_scale.ipynb #e8eb8076
+# %% ../nbs/01b_features_at_scale.ipynb #50d1e39a
 def plot_crossover(bench: pd.DataFrame):  # rows of `bench_scale`
     "Three panels against the events per snapshot (log axes): events/s, wall time and peak memory per engine."
     import matplotlib.pyplot as plt
@@ -389,7 +412,7 @@ def plot_crossover(bench: pd.DataFrame):  # rows of `bench_scale`
     fig.suptitle(f"DuckDB in process vs Spark {bench.attrs.get('master', '')}: the same snapshot"); fig.tight_layout()
     return fig
 
-# %% ../nbs/01b_features_at_scale.ipynb #8d943860
+# %% ../nbs/01b_features_at_scale.ipynb #6f6e6c23
 def crossover_verdict(bench: pd.DataFrame) -> str:  # rows of `bench_scale`
     "One sentence from the measurement: at which sizes Spark was faster, and the rate ratio at the largest."
     p = bench.pivot(index="customers", columns="engine", values="events_per_s").sort_index()
@@ -399,7 +422,7 @@ def crossover_verdict(bench: pd.DataFrame) -> str:  # rows of `bench_scale`
     return (f"Spark ({bench.attrs.get('master', 'local')}) was faster {where}; at {p.index[-1]:,} customers DuckDB built "
             f"{top.duckdb / top.spark:.1f}x the events per second ({top.duckdb / 1e6:.2f}M vs {top.spark / 1e6:.2f}M).")
 
-# %% ../nbs/01b_features_at_scale.ipynb #12669ea1
+# %% ../nbs/01b_features_at_scale.ipynb #68168f2c
 CAPACITY_MEMBERS = 50_000_000  # a large loyalty program
 SNAPSHOT_DEADLINE_S = 3_600  # a monthly snapshot should take at most an hour
 EXECUTOR_CORES = 4  # cores per executor on the imagined cluster
@@ -421,7 +444,7 @@ def capacity_estimate(bench: pd.DataFrame,  # rows of `bench_scale`
             "Spark events/s per core": spark_per_core, f"cores for {deadline_s / 3600:g} h": cores,
             f"executors of {executor_cores} cores": int(np.ceil(cores / executor_cores))}
 
-# %% ../nbs/01b_features_at_scale.ipynb #dae2cccf
+# %% ../nbs/01b_features_at_scale.ipynb #a29b19dd
 def _sizes(text: str) -> list[int]:  # "20000,200000,1000000"
     try: sizes = [int(x) for x in text.split(",")]
     except ValueError: raise BadInput(f"--sizes {text!r}: give customer counts separated by commas, e.g. 20000,200000") from None
@@ -445,7 +468,7 @@ def cli_bench_scale(sizes: str = typer.Option(",".join(map(str, BENCH_SIZES)), h
     typer.echo("\ncapacity estimate:\n" + "\n".join(f"  {k}: {v:,.2f}" if isinstance(v, float) else f"  {k}: {v:,}" for k, v in capacity.items()))
     typer.echo(f"\nwritten: {out / 'scale.json'}, {out / 'scale.png'}")
 
-# %% ../nbs/01b_features_at_scale.ipynb #84cb5e8e
+# %% ../nbs/01b_features_at_scale.ipynb #35aae832
 def engines_agree(world: World, store: FeatureStore, master: str = "local[2]") -> pd.DataFrame:  # a world, its DuckDB store (monthly)
     "Per monthly snapshot: Spark's features of `world` compared with the store's version (`compare_features`)."
     from loyaltylens.features import _frame, monthly_moments
@@ -460,7 +483,7 @@ def duckdb_build_rate(world: World) -> dict:  # the events
         t0 = time.perf_counter(); compute_features(world, world.end); s = time.perf_counter() - t0
     return dict(events=world.stats["events"], seconds=s, events_per_s=world.stats["events"] / s, peak_rss_mb=mem.peak_mb)
 
-# %% ../nbs/01b_features_at_scale.ipynb #88fac15a
+# %% ../nbs/01b_features_at_scale.ipynb #83ae9597
 def _doctor_spark(full: bool) -> list[Check]:  # full: start a local[2] session and count
     "doctor's lines for Java and Spark (neither is required by the rest of the course)."
     from importlib.metadata import PackageNotFoundError, version

@@ -57,19 +57,26 @@ def test_random_events_match(spark, seed):
     assert got["mismatches"] == 0 and got["customers"] > 0, got
 
 
-def test_every_smoke_snapshot_matches(spark, smoke, tmp_path):
+@pytest.fixture(scope="module")
+def spark_built(spark, smoke, tmp_path_factory):
+    "Every monthly snapshot of the SMOKE world built by the Spark engine: (store, Parquet root, rows), once per module."
+    root = tmp_path_factory.mktemp("spark-built")
+    store = FeatureStore(root / "spark.duckdb")
+    rows = build_spark_snapshots(store, smoke[0], monthly_moments(smoke[0]), snapshots=str(root / "snapshots"))
+    return store, root / "snapshots", rows
+
+
+def test_every_smoke_snapshot_matches(smoke, spark_built):
     "The Spark engine writes every monthly snapshot as Parquet, imports it, and every value equals the DuckDB store's."
-    world, duck = smoke
-    store = FeatureStore(tmp_path / "spark.duckdb")
-    rows = build_spark_snapshots(store, world, monthly_moments(world), snapshots=str(tmp_path / "snapshots"))
+    (world, duck), (store, snapshots, rows) = smoke, spark_built
     assert [r["version"] for r in rows] == [v for v, _ in monthly_moments(world)]
-    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir() if p.is_dir())[0] == f"snapshot_date={world.month_ends()[0]:%Y-%m-%d}"
+    assert sorted(p.name for p in snapshots.iterdir() if p.is_dir())[0] == f"snapshot_date={world.month_ends()[0]:%Y-%m-%d}"
     for v, _ in monthly_moments(world):
         got = compare_features(_frame(duck, v), _frame(store, v))
         assert got["mismatches"] == 0 and got["customers"] == len(_frame(duck, v)), (v, got)
 
 
-def test_asof_training_set_is_identical(spark, smoke, tmp_path):
+def test_asof_training_set_is_identical(spark, smoke, spark_built):
     world, duck = smoke
     ends = world.month_ends()
     rng = np.random.default_rng(1)
@@ -77,9 +84,7 @@ def test_asof_training_set_is_identical(spark, smoke, tmp_path):
     entity = pd.DataFrame({"customer_id": np.r_[rng.choice(ids, 400), [ids[0]] * 3, ["nobody"]],
                            "timestamp": [*(ends[0] + pd.to_timedelta(rng.integers(-20 * 24, 24 * 330, 400), unit="h")), ends[3], ends[3],
                                          world.start, ends[5]]})
-    store = FeatureStore(tmp_path / "s.duckdb")
-    build_spark_snapshots(store, world, monthly_moments(world), snapshots=str(tmp_path / "snap"))
-    got = spark_training_set(spark, spark.read.parquet(str(tmp_path / "snap")), entity, world)
+    got = spark_training_set(spark, spark.read.parquet(str(spark_built[1])), entity, world)
     want = duck.training_set(entity)
     pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=SUM_RTOL)
     assert got.as_of.iloc[401] == ends[3] and got.recency_days.isna().iloc[-1], got.tail()  # tie: a snapshot at the moment counts
