@@ -15,7 +15,7 @@ import typer
 from fastcore.basics import patch
 
 from .core import MORE_CHECKS, BadInput, Check, bench_app, workspace
-from .features import (CHANNELS, FEATURE_COLUMNS, SNAPSHOT_ENGINES, DataValidationError, FeatureStore, World, _EVENT_CHECK_SQL,
+from .features import (FEATURE_COLUMNS, SNAPSHOT_ENGINES, DataValidationError, FeatureStore, World, _EVENT_CHECK_SQL,
                                   _FEATURE_SQL, _URI, _as_of, _duck, _events_ref, _feature_params, _suspect_columns, compute_features,
                                   generate_world)
 
@@ -217,8 +217,8 @@ def import_snapshot(self: FeatureStore, version: str,  # the new version's name
     "Write the Parquet snapshot at `path` as a new version (validated and atomic, like `write`); return its metadata row."
     folder = str(path).removeprefix("file://")
     con = _duck()
-    try: df = con.execute(f"SELECT customer_id, {', '.join(FEATURE_COLUMNS)} FROM read_parquet(?) ORDER BY customer_id",
-                          [f"{folder}/*.parquet"]).df()
+    sql = f"SELECT customer_id, {', '.join(FEATURE_COLUMNS)} FROM read_parquet(?) ORDER BY customer_id"  # noqa: S608 -- closed FEATURE_COLUMNS; the path is a parameter
+    try: df = con.execute(sql, [f"{folder}/*.parquet"]).df()
     finally: con.close()
     return self.write(version, df, as_of, config)
 
@@ -305,7 +305,7 @@ def spark_scores(spark, features,  # a SparkSession; rows with customer_id + FEA
             import torch
             torch.set_num_threads(1)  # the task slots are the parallelism
         except ImportError: pass
-        m = pickle.loads(shipped.value)
+        m = pickle.loads(shipped.value)  # noqa: S301 -- bytes this job pickled itself, broadcast to its own workers
         for pdf in batches: yield pd.DataFrame({"customer_id": pdf.customer_id, "score": np.asarray(m.predict(pdf), dtype=float)})
     return features.select("customer_id", *FEATURE_COLUMNS).mapInPandas(score, SCORE_SCHEMA)
 
