@@ -438,7 +438,7 @@ def capacity_estimate(bench: pd.DataFrame,  # rows of `bench_scale`
     import psutil, pyarrow.parquet as pq
     part = sorted(world.events_path.glob("*.parquet"))[0]
     table = pq.read_table(part)
-    events = members * world.stats["events"] / world.config["customers"]
+    events = round(members * world.stats["events"] / world.config["customers"])
     top = bench[bench.customers == bench.customers.max()].set_index("engine")
     spark_per_core = top.loc["spark", "events_per_s"] / bench.attrs.get("cores", 2)
     cores = int(np.ceil(events / (spark_per_core * deadline_s)))
