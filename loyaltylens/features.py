@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query
 from fastapi.responses import JSONResponse
 
-from .core import path_option, BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
+from .core import checked_path, path_option, BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
 
 # %% auto #0
 __all__ = ['CHANNELS', 'EVENT_TYPES', 'EVENT_COLUMNS', 'FEATURE_COLUMNS', 'OFFER_COLUMNS', 'ASSIGNMENT_COLUMNS', 'OFFER_VOCAB',
@@ -32,13 +32,13 @@ __all__ = ['CHANNELS', 'EVENT_TYPES', 'EVENT_COLUMNS', 'FEATURE_COLUMNS', 'OFFER
            'TARGETING_NOISE', 'MOOD_RHO', 'MOOD_SD', 'BASKET_NOISE', 'APP_OPENS_BASE', 'APP_OPENS_PER_PURCHASE',
            'VIEWS_BASE', 'VIEWS_MOBILE', 'TARGETED_SHARE', 'REDEEM_DELAY_HOURS', 'HOLDOUT_SHARE', 'SMOKE_WORLD',
            'DEFAULT_WORLD', 'SURE_THING_P', 'PERSUADABLE_LIFT', 'ORACLE_LOOKBACK_DAYS', 'ENGAGEMENT_WEIGHTS',
-           'RECENCY_CAP_DAYS', 'FREQUENCY_CAP', 'MONETARY_CAP', 'router', 'data_app', 'features_app', 'make_offers',
-           'world_config', 'config_hash', 'peak_rss_mb', 'World', 'generate_world', 'default_world', 'archetype',
-           'observed_outcomes', 'DataValidationError', 'validate_events', 'compute_features', 'feature_schema',
-           'validate_features', 'schema_hash', 'FeatureStore', 'build_snapshot', 'build_monthly', 'default_store',
-           'served_store', 'feature_versions', 'feature_stats', 'customer_features', 'default_store_path',
-           'cli_generate', 'cli_build', 'cli_versions', 'cli_get', 'cli_stats', 'cli_diff', 'serve_subprocess',
-           'bench_features', 'cli_bench_features']
+           'RECENCY_CAP_DAYS', 'FREQUENCY_CAP', 'MONETARY_CAP', 'router', 'data_app', 'features_app',
+           'SNAPSHOT_ENGINES', 'make_offers', 'world_config', 'config_hash', 'peak_rss_mb', 'World', 'generate_world',
+           'default_world', 'archetype', 'observed_outcomes', 'DataValidationError', 'validate_events',
+           'compute_features', 'feature_schema', 'validate_features', 'schema_hash', 'FeatureStore', 'build_snapshot',
+           'monthly_moments', 'build_monthly', 'default_store', 'served_store', 'feature_versions', 'feature_stats',
+           'customer_features', 'default_store_path', 'cli_generate', 'cli_build', 'cli_versions', 'cli_get',
+           'cli_stats', 'cli_diff', 'serve_subprocess', 'bench_features', 'cli_bench_features']
 
 # %% ../nbs/01_features.ipynb #bf62754d
 CHANNELS = ("mobile", "web", "in_store")
@@ -719,6 +719,20 @@ def _events_source(con, events) -> str:  # a DuckDB connection; DataFrame, World
 _EVENT_TYPES_OK = {"customer_id": ("VARCHAR",), "event_type": ("VARCHAR",), "timestamp": ("TIMESTAMP",),  # with or without time zone, any precision; naive is read as UTC
                    "amount": ("DOUBLE", "FLOAT", "DECIMAL"), "offer_id": ("VARCHAR", '"NULL"'), "channel": ("VARCHAR",)}
 
+_EVENT_CHECK_SQL = """SELECT event_type, channel{category}, count(*) AS n, count(*) - count(customer_id) AS null_customer_id,
+  count(*) - count(timestamp) AS null_timestamp, count(*) - count(amount) AS null_amount,
+  CAST(min(amount) AS DOUBLE) AS min_amount, CAST(max(amount) AS DOUBLE) AS max_amount
+FROM ev_src GROUP BY ALL"""  # one scan, cheap aggregates, few groups (event types × channels × categories)
+
+def _suspect_columns(groups: pd.DataFrame) -> list[str]:  # `_EVENT_CHECK_SQL`'s result: one row per group
+    "The columns whose values may break the contract, read from the group summaries ([] when all is well)."
+    amount_ok = (groups.null_amount == 0) & (groups.min_amount >= 0) & np.isfinite(groups.max_amount)  # NaN sorts above +inf: max catches it
+    suspect = {"customer_id": groups.null_customer_id.sum() > 0, "timestamp": groups.null_timestamp.sum() > 0,
+               "event_type": not groups.event_type.isin(EVENT_TYPES).all(), "channel": not groups.channel.isin(CHANNELS).all(),
+               "amount": not amount_ok[groups.event_type == "purchase"].all()}
+    if "category" in groups: suspect["category"] = not (groups.category.isna() | groups.category.isin(CATEGORIES)).all()
+    return [col for col, bad in suspect.items() if bad]
+
 def validate_events(con) -> None:  # a DuckDB connection with view `ev_src`
     "Check the columns, types and values of view `ev_src` against the event contract; raise `DataValidationError`."
     types = {r[0]: r[1] for r in con.execute("DESCRIBE ev_src").fetchall()}
@@ -729,9 +743,10 @@ def validate_events(con) -> None:  # a DuckDB connection with view `ev_src`
               "event_type": f"event_type IS NULL OR event_type NOT IN {tuple(EVENT_TYPES)}",
               "channel": f"channel IS NULL OR channel NOT IN {tuple(CHANNELS)}",
               "amount": "event_type = 'purchase' AND (amount IS NULL OR isnan(amount) OR isinf(amount) OR amount < 0)"}
+    groups = con.execute(_EVENT_CHECK_SQL.format(category=", category" if "category" in types else "")).df()
+    if not _suspect_columns(groups): return  # the common case: one grouped scan, no per-row predicates
     if "category" in types: checks["category"] = f"category IS NOT NULL AND category NOT IN {tuple(CATEGORIES)}"  # world v2: nullable, optional
     counts = con.execute("SELECT " + ", ".join(f"count(*) FILTER (WHERE {c})" for c in checks.values()) + " FROM ev_src").fetchall()[0]
-    if not any(counts): return  # the common case: one cheap scan
     example = lambda c: [r[0] for r in con.execute(f"SELECT DISTINCT customer_id FROM ev_src WHERE {c} ORDER BY 1 LIMIT 3").fetchall()]
     bad = [f"'{col}': {n} bad value(s), e.g. customers {example(c)}" for (col, c), n in zip(checks.items(), counts) if n]
     raise DataValidationError("events: " + "; ".join(bad))
@@ -783,6 +798,13 @@ FROM f ORDER BY customer_id
 """
 
 # %% ../nbs/01_features.ipynb #86c3a284
+def _feature_params(t: pd.Timestamp) -> dict:  # the moment, in UTC
+    "The parameters of `_FEATURE_SQL`: the window edges (time-zone-aware datetimes) and the engagement weights and caps."
+    day = pd.Timedelta(days=1)
+    return dict(t=t.to_pydatetime(), t30=(t - 30 * day).to_pydatetime(), t90=(t - 90 * day).to_pydatetime(),
+                **{f"w_{k}": w for k, w in ENGAGEMENT_WEIGHTS.items()}, recency_cap=RECENCY_CAP_DAYS,
+                frequency_cap=FREQUENCY_CAP, monetary_cap=MONETARY_CAP)
+
 def compute_features(events,  # DataFrame in the event contract, a World, or a Parquet file / folder / glob
                      as_of,  # the moment t: only events with timestamp < t are used
                      validate: bool = True) -> pd.DataFrame:  # check the events first (one extra scan)
@@ -792,11 +814,7 @@ def compute_features(events,  # DataFrame in the event contract, a World, or a P
     try:
         _events_source(con, events)
         if validate: validate_events(con)
-        day = pd.Timedelta(days=1)
-        params = dict(t=t.to_pydatetime(), t30=(t - 30 * day).to_pydatetime(), t90=(t - 90 * day).to_pydatetime(),
-                      **{f"w_{k}": w for k, w in ENGAGEMENT_WEIGHTS.items()}, recency_cap=RECENCY_CAP_DAYS,
-                      frequency_cap=FREQUENCY_CAP, monetary_cap=MONETARY_CAP)
-        return con.execute(_FEATURE_SQL, params).df()
+        return con.execute(_FEATURE_SQL, _feature_params(t)).df()
     finally: con.close()
 
 # %% ../nbs/01_features.ipynb #94f87b43
@@ -1080,13 +1098,14 @@ def build_snapshot(store: FeatureStore,  # where to write
     return {"version": version, **meta, "compute_s": t1 - t0, "write_s": time.perf_counter() - t1}
 
 # %% ../nbs/01_features.ipynb #3dea2aac
+def monthly_moments(world: World) -> list[tuple[str, pd.Timestamp]]:
+    "(version, as_of) of every month end of `world`: m01-YYYY-MM-DD ..."
+    return [(f"m{k:02d}-{t:%Y-%m-%d}", t) for k, t in enumerate(world.month_ends(), 1)]
+
 def build_monthly(store: FeatureStore, world: World) -> list[dict]:  # where to write, which world
-    "One snapshot per month end of `world`, named m01-YYYY-MM-DD ... (existing ones are kept)."
-    have, out = set(store.versions().version), []
-    for k, t in enumerate(world.month_ends(), 1):
-        v = f"m{k:02d}-{t:%Y-%m-%d}"
-        if v not in have: out.append(build_snapshot(store, world, t, v))
-    return out
+    "One snapshot per month end of `world` (existing ones are kept)."
+    have = set(store.versions().version)
+    return [build_snapshot(store, world, t, v) for v, t in monthly_moments(world) if v not in have]
 
 def default_store(smoke: bool = False) -> FeatureStore:  # smoke: the store of the small world
     "The feature store of `default_world(smoke)` with one snapshot per month end, built once and cached."
@@ -1166,24 +1185,41 @@ def _store_opt(): return path_option(None, "input", "DuckDB store file (default:
 def _open_store(store: Path | None) -> FeatureStore:
     return FeatureStore(store or default_store_path())
 
+SNAPSHOT_ENGINES: dict = {}  # engine name -> fn(store, events, [(version | None, as_of)], master, snapshots) -> rows; notebook 01b adds "spark"
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")  # s3a://bucket/…, gs://…, file:///…: resolved by the engine, not the local disk
+
+def _events_arg(text: str) -> str | Path:  # a URI stays text; a local path goes through `checked_path`
+    return text if _URI.match(text) else checked_path(text, "input")
+
 @features_app.command("build")
 def cli_build(as_of: str | None = typer.Option(None, help="snapshot moment, e.g. 2024-06-30"),
               monthly: bool = typer.Option(False, help="one snapshot per month end of the world"),
-              events: Path | None = path_option(None, "input", "world folder or Parquet file/folder or glob (default: the default world)"),
+              events: str | None = typer.Option(None, parser=_events_arg, metavar="PATH|URI",
+                                    help="world folder or Parquet file/folder or glob (default: the default world); --engine spark also takes s3a://, gs://, file:// URIs"),
               store: Path | None = path_option(None, "output file", "DuckDB store file (created if missing)"),
-              version: str | None = typer.Option(None, help="version name for --as-of (default asof-DATE)")):
-    "Build feature snapshots: one at --as-of, or one per month end with --monthly."
+              version: str | None = typer.Option(None, help="version name for --as-of (default asof-DATE)"),
+              engine: str = typer.Option("duckdb", help="duckdb (in process) or spark (notebook 01b: Parquet snapshots, then the store)"),
+              master: str | None = typer.Option(None, help="--engine spark: local[2] (default), spark://HOST:7077, yarn or k8s://URL"),
+              snapshots: str | None = typer.Option(None, help="--engine spark: folder or URI of the Parquet snapshots (default in the workspace)")):
+    "Build feature snapshots: one at --as-of, or one per month end with --monthly; DuckDB in process, or Spark on a cluster by URL."
     if (as_of is None) == (not monthly): raise BadInput("give exactly one of --as-of DATE or --monthly")
+    if engine not in ("duckdb", *SNAPSHOT_ENGINES): raise BadInput(f"--engine {engine!r}: choose from {', '.join(['duckdb', *SNAPSHOT_ENGINES])}")
+    if engine == "duckdb" and (master or snapshots or isinstance(events, str)):
+        raise BadInput("--master, --snapshots and URI events need --engine spark")
     st = FeatureStore(store or default_store_path())
     try:
         if monthly:
-            src = World(events) if events is not None and (events / "world.json").exists() else default_world() if events is None else None
+            src = World(events) if isinstance(events, Path) and (events / "world.json").exists() else default_world() if events is None else None
             if src is None: raise BadInput(f"--monthly needs a world folder (with world.json), got {events}")
-            rows = build_monthly(st, src)
-        else: rows = [build_snapshot(st, events or default_world(), as_of, version)]
+            have = set(st.versions().version)
+            moments = [(v, t) for v, t in monthly_moments(src) if v not in have]
+        else: src, moments = events or default_world(), [(version, as_of)]
+        if engine == "duckdb": rows = [build_snapshot(st, src, t, v) for v, t in moments]
+        else: rows = SNAPSHOT_ENGINES[engine](st, src, moments, master=master, snapshots=snapshots)
     except (ValueError, FileNotFoundError, KeyError) as e: raise BadInput(str(e).strip('"'))
     for r in rows: typer.echo(f"{r['version']}: {r['n_rows']:,} customers as of {r['as_of']} (compute {r['compute_s']:.1f}s, write {r['write_s']:.1f}s)")
     typer.echo(f"{len(rows)} version(s) written to {st.path}")
+
 
 # %% ../nbs/01_features.ipynb #dbe59b8a
 @features_app.command("versions")

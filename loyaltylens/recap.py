@@ -23,8 +23,8 @@ __all__ = ['Tier', 'SCALES', 'MEASUREMENTS', 'PUBLISHED_LOOKUP_MS', 'FACT_HEADLI
            'HEADLINES', 'Headline', 'Scale', 'get_scale', 'measurement', 'run_measurements', 'headline_report',
            'report_markdown', 'write_report', 'measure_propensity', 'measure_leakage', 'measure_copy', 'measure_gate',
            'measure_readers', 'measure_facts', 'measure_drift', 'measure_pipeline', 'measure_feedback',
-           'measure_retrieval', 'measure_features', 'measure_uplift', 'select_headlines', 'HeadlineFailure', 'failures',
-           'bench_all', 'bench_all_cmd']
+           'measure_retrieval', 'measure_features', 'measure_uplift', 'measure_scale_equality', 'measure_scale_rate',
+           'select_headlines', 'HeadlineFailure', 'failures', 'bench_all', 'bench_all_cmd']
 
 # %% ../nbs/08_recap.ipynb #43864bbc
 Tier = Literal["landing", "bench"]
@@ -61,14 +61,15 @@ class Scale:
     offers: int  # catalog size of the retrieval benchmark
     queries: int  # ground-truth retrieval queries
     feature_customers: int  # world size of the feature-store benchmark
+    scale_customers: int  # world size of DuckDB's snapshot build rate (notebook 01b's bar is set at 5M)
 
 SCALES = {s.name: s for s in [
     Scale("smoke", True, copies=5, gate_cases=8, gate_copies=1, pipeline_customers=20, feedback_clients=4, feedback_posts=50,
-          offers=200, queries=60, feature_customers=2_000),
+          offers=200, queries=60, feature_customers=2_000, scale_customers=20_000),
     Scale("default", False, copies=30, gate_cases=None, gate_copies=2, pipeline_customers=200, feedback_clients=20, feedback_posts=250,
-          offers=200, queries=600, feature_customers=100_000),
+          offers=200, queries=600, feature_customers=100_000, scale_customers=5_000_000),
     Scale("large", False, copies=100, gate_cases=None, gate_copies=4, pipeline_customers=1_000, feedback_clients=20, feedback_posts=250,
-          offers=20_000, queries=600, feature_customers=1_000_000),
+          offers=20_000, queries=600, feature_customers=1_000_000, scale_customers=5_000_000),
 ]}
 
 def get_scale(name: str) -> Scale:  # smoke | default | large
@@ -286,6 +287,24 @@ def measure_uplift(scale: Scale) -> dict:
     f = evaluate_uplift(scale.smoke_world)
     return {"uplift.top20_ratio": f["top20_ratio"], "uplift.auuc_share": f["auuc_share"], "uplift.pehe": f[f"pehe.{f['chosen']}"]}
 
+# %% ../nbs/08_recap.ipynb #5ca1e01b
+@measurement("scale_equality")
+def measure_scale_equality(scale: Scale) -> dict:
+    "Spark (local[2]) vs DuckDB on every monthly snapshot of the SMOKE world: values that differ (any scale: the SMOKE world is the fixture)."
+    from loyaltylens.features import default_store, default_world
+    from loyaltylens.scale import engines_agree
+    agree = engines_agree(default_world(True), default_store(True))
+    return {"scale.spark_mismatches": int(agree.mismatches.sum()), "scale.customer_snapshots_compared": int(agree.customers.sum())}
+
+@measurement("scale_rate")
+def measure_scale_rate(scale: Scale) -> dict:
+    "DuckDB's end-of-world snapshot build, event checks included, on a world of `scale.scale_customers` (cached in workspace/bench)."
+    from loyaltylens.features import generate_world
+    from loyaltylens.scale import duckdb_build_rate
+    n = scale.scale_customers
+    r = duckdb_build_rate(generate_world(n, 12, out=workspace("bench", f"world-{n}-12"), progress=True))
+    return {"scale.duckdb_events_per_s": r["events_per_s"], "scale.duckdb_build_s": r["seconds"], "scale.duckdb_peak_rss_mb": r["peak_rss_mb"]}
+
 # %% ../nbs/08_recap.ipynb #10a5af11
 LANDING_HEADLINES = [  # cheap at default scale: checked by `make test` on every landing
     Headline("propensity.auc_gap", "propensity", "Article 2", "gradient boosting AUC − TabTransformer AUC, test month", "≤ 0.01",
@@ -333,6 +352,8 @@ BENCH_HEADLINES = [  # minutes each at default scale: checked by `make bench` an
              "≥ 1.5", lambda v: v >= 1.5, "", "bench"),
     Headline("uplift.auuc_share", "uplift", "beyond (02a)", "AUUC of the serving uplift learner, share of the oracle's", "≥ 70%",
              lambda v: v >= 0.70, "", "bench"),
+    Headline("scale.duckdb_events_per_s", "scale_rate", "beyond (01b)", "DuckDB snapshot build, events/s, event checks included "
+             "(default scale: 5,000,000 customers, 2 cores)", "≥ 2,000,000", lambda v: v >= 2_000_000, "", "bench"),
     Headline("gate.active_passes", "gate", "Article 5", "the eval gate passes the active prompt: the 95% interval's low end clears the house threshold (1 = yes)",
              "= 1", lambda v: v == 1, "Article 8 on Module 5: \"Making the eval gate a hard CI/CD failure. Not a warning.\"", "bench"),
     Headline("gate.pushy_fails", "gate", "Article 5", "the eval gate fails the bad prompt v3-pushy (1 = yes)", "= 1", lambda v: v == 1, "", "bench"),
@@ -351,6 +372,8 @@ BENCH_HEADLINES = [  # minutes each at default scale: checked by `make bench` an
              lambda v: v < 0, "", "bench"),
     Headline("readers.rm_minus_rules_low", "readers", "beyond (04b)", "agreement with reviewers, reward model − rule criteria: 95% interval's low end",
              "> 0", lambda v: v > 0, "", "bench"),
+    Headline("scale.spark_mismatches", "scale_equality", "beyond (01b)", "feature values where Spark local[2] and DuckDB differ, every customer of "
+             "every monthly snapshot of the SMOKE world", "= 0", lambda v: v == 0, "", "bench"),
 ]
 HEADLINES = LANDING_HEADLINES + BENCH_HEADLINES
 

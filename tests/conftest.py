@@ -15,3 +15,13 @@ os.environ.setdefault("LOYALTYLENS_HOME", str(ROOT / "workspace"))
 def root() -> Path:
     "The repository root."
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def spark():
+    "One local[2] Spark session for the whole pytest run (a JVM start costs seconds); skips, saying why, without Java or pyspark."
+    from loyaltylens.scale import SparkUnavailable, spark_session
+    try: session = spark_session("local[2]")
+    except SparkUnavailable as e: pytest.skip(f"Spark cannot start here: {e}")
+    yield session
+    session.stop()

@@ -130,7 +130,7 @@ def test_doctor_exits_zero_with_a_line_per_backend():
     out = subprocess.run([BIN / "loyaltylens", "doctor"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     for backend in ["duckdb", "postgres+pgvector", "mlflow store", "MiniLM", "Gemma via llama-cpp",
-                    "Gemma via transformers", "OpenAI", "Weaviate", "node", "chromium"]:
+                    "Gemma via transformers", "OpenAI", "Weaviate", "node", "chromium", "java", "spark"]:
         assert backend in out.stdout, backend
 
 
