@@ -18,6 +18,7 @@ SMOKE = True  # the small world: concurrency does not depend on the world's size
 COPY_FIELDS = ("headline", "body", "cta", "tone")
 PAIRS = 8  # distinct copy requests; each is sent twice in the concurrent burst (16 at once)
 MIXED = 64  # concurrent mixed requests per round while the snapshot is published
+COPY_TIMEOUT_S = "900"  # the copy queue admits the whole burst: 16 copies in turn on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +40,16 @@ def shared_home(tmp_path: Path, copy_store: bool) -> dict:
         (tmp_path / entry.name).symlink_to(entry)
     if copy_store:
         (tmp_path / "features").mkdir()
-        for f in (shared / "features").glob("store-*.duckdb"): shutil.copy(f, tmp_path / "features" / f.name)
+        shutil.copy(fs.default_store_path(SMOKE), tmp_path / "features" / fs.default_store_path(SMOKE).name)
         (tmp_path / "pipeline" / "tables").mkdir(parents=True)
         for f in (shared / "pipeline" / "tables").glob("*.npz"): (tmp_path / "pipeline" / "tables" / f.name).symlink_to(f)
     return {"LOYALTYLENS_HOME": str(tmp_path), "LOYALTYLENS_PG_URL": pg_url(), "LOYALTYLENS_SMOKE": "1", "LOYALTYLENS_LLM_BACKEND": "local",
-            "LOYALTYLENS_API_TOKEN": "", "LOYALTYLENS_RELOAD_POLL_S": "0.2"}
+            "LOYALTYLENS_API_TOKEN": "", "LOYALTYLENS_RELOAD_POLL_S": "0.2", "LOYALTYLENS_COPY_TIMEOUT_S": COPY_TIMEOUT_S}
 
 
 async def fire(url: str, requests: list[tuple[str, str, dict | None]]) -> list[httpx.Response]:
     "Send every request at once (one connection each)."
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=len(requests))) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=float(COPY_TIMEOUT_S), limits=httpx.Limits(max_connections=len(requests))) as c:
         return await asyncio.gather(*(c.request(m, p, json=b) for m, p, b in requests))
 
 
@@ -80,10 +81,16 @@ def new_snapshot(store: fs.FeatureStore) -> tuple[str, pd.DataFrame, pd.Timestam
     return f"{old.version}-republished", df, pd.Timestamp(old.as_of) + pd.Timedelta(days=1)
 
 
+def mixed_request(i: int, cid: str, row: dict) -> tuple[str, str, dict | None]:
+    "The i-th request of a round: features, pipeline, propensity and retrieval in turn (each customer gets each kind across rounds)."
+    return [("GET", f"/features/{cid}", None), ("POST", f"/pipeline/{cid}?copy=false", None), ("POST", "/propensity/predict", row),
+            ("POST", "/offers/retrieve", {"customer_id": cid})][(i + i // 4) % 4]
+
+
 def test_mixed_load_while_a_snapshot_is_published(built, tmp_path):
     "Rounds of 64 concurrent mixed requests while a new snapshot lands: no 5xx, every answer wholly from the old or the new snapshot."
     env = shared_home(tmp_path, copy_store=True)
-    path = next((tmp_path / "features").glob("store-*.duckdb"))
+    path = tmp_path / "features" / fs.default_store_path(SMOKE).name
     store = fs.FeatureStore(path)
     old_version = store.versions().version.iloc[-1]
     ids = built.sample_customers(16, seed=9)
@@ -95,9 +102,7 @@ def test_mixed_load_while_a_snapshot_is_published(built, tmp_path):
     seen, published, t0 = set(), False, time.monotonic()
     try:
         while seen != {old_version, version} and time.monotonic() - t0 < 120:
-            reqs = [[("GET", f"/features/{c}", None), ("POST", f"/pipeline/{c}?copy=false", None),
-                     ("POST", "/propensity/predict", rows[i]), ("POST", "/offers/retrieve", {"customer_id": c})][i % 4]
-                    for i, c in enumerate(ids * (MIXED // len(ids)))]
+            reqs = [mixed_request(i, ids[i % len(ids)], rows[i % len(ids)]) for i in range(MIXED)]
             answers = asyncio.run(fire(url, reqs)) if published else None
             if not published:  # publish while the first round is in flight
                 async def round_and_publish():
@@ -153,7 +158,7 @@ def test_empty_workspace_then_prepare(built, tmp_path):
 def test_killed_precompute_shows_on_health(built, tmp_path):
     "A new snapshot without a table: the app precomputes it in a background process; kill that process and /health says so, while requests still answer."
     env = shared_home(tmp_path, copy_store=True)
-    path = next((tmp_path / "features").glob("store-*.duckdb"))
+    path = tmp_path / "features" / fs.default_store_path(SMOKE).name
     version, df, as_of = new_snapshot(fs.FeatureStore(path))
     fs.FeatureStore(path).write(version, df, as_of)
     proc, url = serve_process(env, timeout=300)
