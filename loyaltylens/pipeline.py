@@ -8,7 +8,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/pipeline.html.md"""
 from __future__ import annotations
 import asyncio, hashlib, importlib, inspect, ipaddress, json, math, os, pkgutil, queue, signal, socket, subprocess, sys, threading, time, weakref
 from collections import deque
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -1201,13 +1201,17 @@ def _mixed(n: int, seed: int = 0) -> list[str]:  # requests
     return [routes[i] for i in np.random.default_rng(seed).integers(len(routes), size=n)]
 
 # %% ../nbs/07_pipeline.ipynb #206bacea
+def _run(coro):
+    "Run a coroutine to its end from plain code, in a thread with its own event loop (a notebook's loop is already running)."
+    with ThreadPoolExecutor(1) as pool: return pool.submit(asyncio.run, coro).result()
+
 def _served(env: dict, phases: list[tuple[str, list[str], int, float]],  # (label, routes, concurrency, max seconds)
             make: dict, warm: list[str]) -> dict[str, tuple[list[Shot], float]]:  # routes sent once, untimed, first
     "Start `loyaltylens serve` as its own process with `env`, warm it, run the phases one after another from this process, stop it."
     proc, url = serve_process(env, timeout=300)
     try:
-        asyncio.run(_drive(url, warm, make, 1, 600))
-        return {label: asyncio.run(_drive(url, routes, make, c, max_s)) for label, routes, c, max_s in phases}
+        _run(_drive(url, warm, make, 1, 600))
+        return {label: _run(_drive(url, routes, make, c, max_s)) for label, routes, c, max_s in phases}
     finally: stop_process(proc)
 
 def bench_serve(n: int = 2_000,  # requests per mixed level (fewer when a level reaches `max_s`)
