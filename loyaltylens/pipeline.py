@@ -1135,7 +1135,7 @@ def bench_pipeline_cmd(n: int = typer.Option(200, min=1, help="customers timed w
 # %% ../nbs/07_pipeline.ipynb #7e6a2df7
 PUBLISHED_LOOKUP_MS = 4.0  # Article 8 on Module 1: "~4ms median lookup latency on a 5M-row table"
 SERVE_LEVELS = (1, 4, 16, 64)  # concurrent clients of the mixed load
-SERVE_MIX = {"features": 8, "propensity": 3, "retrieval": 3, "pipeline": 5, "copy": 1}  # requests of each route per 20 of the mixed load
+SERVE_MIX = {"features": 16, "propensity": 6, "retrieval": 6, "pipeline": 11, "copy": 1}  # requests of each route per 40 of the mixed load (copy: ~1 s of a core each)
 SERVE_GOALS = dict(features_p50_ms=1.5, pipeline_p50_ms=3.0, features_per_s=1_000)  # served path over HTTP: c=1 p50s, c=16 lookups/s
 
 @dataclass
