@@ -235,7 +235,7 @@ class FeedbackIn(BaseModel):
     choice: Literal["A", "B", "tie"]  # which copy is better
     rating_a: int = Field(ge=1, le=5)  # stars for copy A
     rating_b: int = Field(ge=1, le=5)  # stars for copy B
-    comment: str | None = Field(None, max_length=2000)  # free text
+    comment: str | None = Field(None, max_length=2000, json_schema_extra={"pattern": "^[^\\u0000]*$"})  # free text (no NUL: the schema says so)
     idempotency_key: uuid.UUID = Field(default_factory=uuid.uuid4)  # drawn once per judgement; resending it stores nothing new
 
     @field_validator("reviewer")
@@ -663,7 +663,8 @@ def get_stats(days: int = Query(7, ge=1, le=366, description="window length in d
     "Judgements in the last `days` days: counts, mean ratings, breakdowns, head-to-head win rates, per-day series."
     with _sync_store() as conn: return window_stats(conn, days, include_simulated=include_simulated)
 
-@router.get("/export", response_class=PlainTextResponse, responses={503: _ERRORS[503]})
+@router.get("/export", response_class=PlainTextResponse,
+            responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}, "description": "JSONL, one pair per line"}, 503: _ERRORS[503]})
 def get_export(format: Literal["openai-dpo", "trl"] = Query(..., description="openai-dpo or trl"),
                include_simulated: bool = Query(False, description="include simulated judgements (not training data by default)")):
     "The preference dataset as JSONL (one validated line per pair with a majority)."

@@ -11,6 +11,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -31,18 +32,17 @@ from . import features as fs, generation as gen, propensity as prop, retrieval a
 
 # %% auto #0
 __all__ = ['SERVED_STORE_BACKENDS', 'EXACT_SEARCH_MAX', 'OWNERS', 'PRECOMPUTE_POLICIES', 'TABLE_FORMAT', 'SCORE_BATCH',
-           'EMBED_BATCH', 'WAIT_WINDOW', 'ENCODER_QUEUE', 'MODEL_LOAD_TIMEOUT_S', 'ID_PATTERN', 'AS_OF_PATTERN',
-           'router', 'READ_METHODS', 'CUSTOMER_DATA_READS', 'SERVED_DEPENDENCIES', 'pipeline_app',
-           'PUBLISHED_NON_LLM_MS', 'NON_LLM_GOAL_MS', 'NON_LLM_STAGES', 'PUBLISHED_LOOKUP_MS', 'SERVE_LEVELS',
-           'SERVE_MIX', 'SERVE_GOALS', 'DEMO_CANDIDATES', 'MissingArtefact', 'world_root', 'open_feature_store',
-           'SnapshotStore', 'open_model', 'open_offer_store', 'searchable', 'PipelineSettings', 'PipelineResult',
-           'UnknownCustomer', 'LoyaltyLensPipeline', 'weights_digest', 'model_fingerprint', 'embedder_fingerprint',
-           'snapshot_fingerprint', 'SnapshotTable', 'table_path', 'Overloaded', 'ModelUnavailable', 'ModelWorker',
-           'open_copy_model', 'open_encoder', 'Component', 'Health', 'Serving', 'ErrorBody', 'serving_of', 'owned',
-           'run_pipeline', 'ui_dir', 'module_routers', 'needs_token', 'require_token', 'create_app', 'prepare_cmd',
-           'precompute_cmd', 'run_cmd', 'is_loopback', 'serve_cmd', 'free_port', 'serve_process', 'stop_process',
-           'bench_pipeline', 'bench_report', 'bench_pipeline_cmd', 'Shot', 'bench_serve', 'bench_serve_report',
-           'bench_serve_cmd']
+           'EMBED_BATCH', 'WAIT_WINDOW', 'ENCODER_QUEUE', 'MODEL_LOAD_TIMEOUT_S', 'ID_PATTERN', 'router',
+           'READ_METHODS', 'CUSTOMER_DATA_READS', 'SERVED_DEPENDENCIES', 'pipeline_app', 'PUBLISHED_NON_LLM_MS',
+           'NON_LLM_GOAL_MS', 'NON_LLM_STAGES', 'PUBLISHED_LOOKUP_MS', 'SERVE_LEVELS', 'SERVE_MIX', 'SERVE_GOALS',
+           'DEMO_CANDIDATES', 'MissingArtefact', 'world_root', 'open_feature_store', 'SnapshotStore', 'open_model',
+           'open_offer_store', 'searchable', 'PipelineSettings', 'PipelineResult', 'UnknownCustomer',
+           'LoyaltyLensPipeline', 'weights_digest', 'model_fingerprint', 'embedder_fingerprint', 'snapshot_fingerprint',
+           'SnapshotTable', 'table_path', 'Overloaded', 'ModelUnavailable', 'ModelWorker', 'open_copy_model',
+           'open_encoder', 'Component', 'Health', 'Serving', 'ErrorBody', 'serving_of', 'owned', 'run_pipeline',
+           'ui_dir', 'module_routers', 'needs_token', 'require_token', 'create_app', 'prepare_cmd', 'precompute_cmd',
+           'run_cmd', 'is_loopback', 'serve_cmd', 'free_port', 'serve_process', 'stop_process', 'bench_pipeline',
+           'bench_report', 'bench_pipeline_cmd', 'Shot', 'bench_serve', 'bench_serve_report', 'bench_serve_cmd']
 
 # %% ../nbs/07_pipeline.ipynb #20d0a277
 class MissingArtefact(FileNotFoundError):
@@ -803,7 +803,6 @@ class ErrorBody(BaseModel):
 def _error(description: str) -> dict: return {"model": ErrorBody, "description": description}
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"  # customer ids, as in the feature router
-AS_OF_PATTERN = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?(Z|[+-]\d{2}:\d{2})?$"  # ISO date or date-time
 router = APIRouter(prefix="/pipeline", tags=["pipeline"])
 
 def serving_of(request: Request) -> Serving:
@@ -821,23 +820,19 @@ def owned(worker: ModelWorker, fn: Callable) -> Callable:
     "`fn` with the same arguments, run by `worker`'s owner (for code that calls a model function rather than a model)."
     return lambda *args, **kwargs: worker.call(lambda _model: fn(*args, **kwargs))
 
-def _validation_error(field: str, message: str) -> HTTPException:
-    "A 422 shaped like FastAPI's own validation errors (so one documented schema covers both)."
-    return HTTPException(422, [{"loc": ["query", field], "msg": message, "type": "value_error"}])
-
 @router.post("/{customer_id}", response_model=PipelineResult, response_model_by_alias=True,
-             responses={404: _error("unknown customer"), 502: _error("the LLM server failed"),
+             responses={404: _error("unknown customer, or no feature snapshot at or before as_of"), 502: _error("the LLM server failed"),
                         503: _error("an artefact is missing (the message names the command that builds it), the LLM is not configured, "
                                     "or the copy model's queue is full (retry after Retry-After seconds)")})
 async def run_pipeline(request: Request,
                        customer_id: str = PathParam(..., pattern=ID_PATTERN, description="a customer of the feature store"),
-                       as_of: str | None = Query(None, pattern=AS_OF_PATTERN, description="ISO date/time; default the newest snapshot"),
+                       as_of: datetime | date | None = Query(None, description="ISO date-time or date; default the newest snapshot"),
                        copy: bool = Query(True, description="generate copy for the top offer (false: stop after retrieval)")) -> PipelineResult:
     "Features, propensity, eligible offers and copy for the top offer of one customer, with per-stage latency."
     serving = serving_of(request)
     pipeline = serving.require()  # read once: this request sees one state, old or new
     try: version = pipeline.snapshot(as_of)[0]
-    except ValueError as e: raise _validation_error("as_of", str(e)) from None
+    except ValueError as e: raise HTTPException(404, str(e)) from None  # a well-formed moment before the first snapshot: nothing to find
     write, score = owned(serving.copy, gen.write_copy) if serving.copy else None, owned(serving.encoder, gen.brand_scores)
     try:
         if pipeline.in_memory(version) and not copy: return pipeline.run_for_customer(customer_id, as_of, copy=False)  # lookups only: no thread hop

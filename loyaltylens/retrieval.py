@@ -16,7 +16,7 @@ from fastcore.basics import patch
 import pandas as pd
 import typer
 from fastapi import APIRouter, Depends, HTTPException
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .core import (BadInput, app, bench_app, demo_step, get_settings, latency_summary, load_minilm,
                               minilm_path, pg_connect, pg_url, workspace, workspace_lock)
@@ -1166,6 +1166,7 @@ def serving_retriever(backend: str = "pgvector", smoke: bool = False) -> OfferRe
 # %% ../nbs/03_retrieval.ipynb #81da83c2
 class RetrieveRequest(BaseModel):
     "Offers for a customer or a free-text query."
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": [k], "properties": {k: {"type": "string"}}} for k in ("customer_id", "query")]})  # the schema says "one of them"
     customer_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", description="a customer of the world")
     query: str | None = Field(None, min_length=1, max_length=500, description="free text, e.g. 'coffee deals in the app'")
     k: int = Field(5, ge=1, le=K_MAX, description="offers to return")

@@ -18,7 +18,7 @@ from loyaltylens.generation import copy_gguf_path
 from loyaltylens.pipeline import LoyaltyLensPipeline, serve_process, stop_process
 
 SMOKE = True  # the small world: the API's contract does not depend on the world's size
-EXAMPLES_PER_OPERATION = 70  # 16 operations x 70 = 1,120 generated cases (the floor is 1,000), ~1.5 min on 2 busy cores
+EXAMPLES_PER_OPERATION = 90  # 17 operations; some have fewer distinct inputs than this, so the run sends ~1,200 cases (the floor is 1,000)
 MIN_CASES = 1000  # the floor for one run
 DECODER_CASES = 6  # explicit copy and pipeline cases with real customers and offers (each ~1 s of generation)
 TOKEN = "fuzz-token-5d2a"  # a made-up API token: the fuzz runs with one set

@@ -196,7 +196,7 @@ def check_routes_and_schema(client, pipeline, cid):
     assert client.post("/pipeline/C99999999").status_code == 404
     assert client.post("/pipeline/bad id!").status_code == 422
     bad_date = client.post(f"/pipeline/{cid}", params={"as_of": "2024-13-45"})
-    assert bad_date.status_code == 422 and bad_date.json()["detail"][0]["loc"] == ["query", "as_of"], bad_date.text
+    assert bad_date.status_code == 422 and bad_date.json()["detail"][0]["loc"][:2] == ["query", "as_of"], bad_date.text
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["backends"]["offer index"]["status"] == "ok" and {"features", "propensity", "retrieval", "generation", "pipeline"} <= set(h["routers"]), h
     post = client.get("/openapi.json").json()["paths"]["/pipeline/{customer_id}"]["post"]
