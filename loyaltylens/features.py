@@ -16,6 +16,7 @@ import pandas as pd
 import typer
 from fastcore.basics import patch
 from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from .core import checked_path, path_option, BadInput, app, bench_app, demo_step, get_settings, latency_summary, workspace, workspace_lock
@@ -962,7 +963,7 @@ def _online(self: FeatureStore, version: str) -> _OnlineView:
         con = self._connect()
         try: df = con.execute(f"SELECT customer_id, {', '.join(FEATURE_COLUMNS)} FROM features WHERE version = ? ORDER BY customer_id", [version]).df()
         finally: con.close()
-        while len(self._views) >= 2: self._views.pop(next(iter(self._views)))
+        while len(self._views) >= 2: self._views.pop(next(iter(self._views)), None)  # serving threads may evict at once
         self._views[version] = _OnlineView(df)
     return self._views[version]
 
@@ -974,6 +975,11 @@ def get(self: FeatureStore, customer_id: str,  # the customer
     row = _online(self, v).get(str(customer_id))
     if row is None: raise KeyError(f"customer '{customer_id}' not in version '{v}'")
     return {**row, "version": v}
+
+@patch
+def in_memory(self: FeatureStore, version: str | None = None) -> bool:  # a version; None = the newest
+    "Whether a lookup in `version` is answered from memory (no DuckDB read); KeyError for an unknown version."
+    return self._resolve(version) in self._views
 
 # %% ../nbs/01_features.ipynb #9554705a
 @patch
@@ -1145,8 +1151,10 @@ def feature_stats(version: str | None = Query(None, pattern=_VERSION_RE.pattern,
 async def customer_features(customer_id: str = PathParam(..., pattern=_ID_PATTERN, description="the customer id"),
                             version: str | None = Query(None, pattern=_VERSION_RE.pattern, description="a version; default the newest"),
                             store: FeatureStore = Depends(served_store)) -> dict:
-    "One customer's features (async and a plain JSON response: the lookup is an in-memory binary search, no thread hop needed)."
-    try: return JSONResponse(store.get(customer_id, version))
+    "One customer's features (async and a plain JSON response: an in-memory binary search needs no thread hop; a version not in memory is read in a thread)."
+    try:
+        if store.in_memory(version): return JSONResponse(store.get(customer_id, version))
+        return JSONResponse(await run_in_threadpool(store.get, customer_id, version))  # DuckDB reads never run on the event loop
     except KeyError as e: _http_404(e)
 
 # %% ../nbs/01_features.ipynb #14d1a3f1

@@ -6,8 +6,8 @@ Docs: https://loyaltylens.github.io/loyaltylens/feedback.html.md"""
 
 # %% ../nbs/06_feedback.ipynb #256db590
 from __future__ import annotations
-import asyncio, hashlib, hmac, json, re, uuid, weakref
-from contextlib import asynccontextmanager
+import asyncio, hashlib, json, re, threading, uuid, weakref
+from contextlib import asynccontextmanager, contextmanager
 from datetime import date, datetime, time as dtime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
@@ -17,26 +17,28 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, R
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .core import path_option, BadInput, app, bench_app, get_settings, pg_url
+from .core import path_option, BadInput, app, bearer_matches, bench_app, get_settings, pg_url
 from .generation import (OfferCopy, PromptRegistry, chat_messages, few_shot_prompt,
                                     prompt_context, write_copy)
 
 # %% auto #0
 __all__ = ['SCHEMA_PATTERN', 'MIGRATIONS', 'COPY_FIELDS', 'CUSTOMER_FACTS', 'OFFER_FACTS', 'REVIEWER_PATTERN', 'SIMULATED_PREFIX',
            'INSERT_FEEDBACK', 'IN_WINDOW', 'AGGREGATE_DAY', 'PREFERENCE_PAIRS', 'EXPORT_FORMATS', 'JUDGEMENT_ROWS',
-           'CHOICE_SIGN', 'MIN_RECORDS', 'MIN_MEAN_RATING', 'MAX_LOSS_RATE', 'RETRAIN_WORKFLOW', 'router',
-           'PREGENERATE_HINT', 'NEXT_PAIR', 'feedback_cli', 'FeedbackSettings', 'schema_name', 'connect', 'migrate',
-           'open_store', 'copy_side', 'make_pair', 'store_pairs', 'pregenerate_pairs', 'cached_pairs', 'FeedbackIn',
-           'UnknownPair', 'KeyReused', 'record_feedback', 'simulate_reviews', 'record_many', 'window_stats',
-           'aggregate_day', 'preference_pairs', 'ChatMessage', 'OpenAIPreference', 'TrlPreference', 'to_format',
-           'export_preferences', 'store_judgements', 'active_quality', 'retrain_reason', 'DispatchError',
-           'dispatch_request', 'send_dispatch', 'trigger_retrain', 'store_pool', 'require_token', 'StoredFeedback',
-           'post_feedback', 'get_stats', 'get_export', 'NextPair', 'get_next', 'ui_dir', 'feedback_app', 'free_port',
-           'start_server', 'post_judgements', 'bench_ingest', 'migrate_cmd', 'pregenerate_cmd', 'simulate_cmd',
-           'aggregate_cmd', 'export_cmd', 'stats_cmd', 'trigger_cmd', 'bench_feedback_cmd']
+           'CHOICE_SIGN', 'MIN_RECORDS', 'MIN_MEAN_RATING', 'MAX_LOSS_RATE', 'RETRAIN_WORKFLOW', 'POOL_TIMEOUT_S',
+           'router', 'PREGENERATE_HINT', 'NEXT_PAIR', 'feedback_cli', 'FeedbackSettings', 'schema_name', 'connect',
+           'migrate', 'open_store', 'copy_side', 'make_pair', 'store_pairs', 'pregenerate_pairs', 'cached_pairs',
+           'FeedbackIn', 'UnknownPair', 'KeyReused', 'record_feedback', 'simulate_reviews', 'record_many',
+           'window_stats', 'aggregate_day', 'preference_pairs', 'ChatMessage', 'OpenAIPreference', 'TrlPreference',
+           'to_format', 'export_preferences', 'store_judgements', 'active_quality', 'retrain_reason', 'DispatchError',
+           'dispatch_request', 'send_dispatch', 'trigger_retrain', 'store_pool', 'read_pool', 'close_pools',
+           'store_lifespan', 'require_token', 'StoredFeedback', 'post_feedback', 'get_stats', 'get_export', 'NextPair',
+           'get_next', 'ui_dir', 'feedback_app', 'free_port', 'start_server', 'post_judgements', 'bench_ingest',
+           'migrate_cmd', 'pregenerate_cmd', 'simulate_cmd', 'aggregate_cmd', 'export_cmd', 'stats_cmd', 'trigger_cmd',
+           'bench_feedback_cmd']
 
 # %% ../nbs/06_feedback.ipynb #c8e65aba
 SCHEMA_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"  # a plain PostgreSQL identifier: the schema name is spliced into SQL
@@ -232,7 +234,7 @@ class FeedbackIn(BaseModel):
     choice: Literal["A", "B", "tie"]  # which copy is better
     rating_a: int = Field(ge=1, le=5)  # stars for copy A
     rating_b: int = Field(ge=1, le=5)  # stars for copy B
-    comment: str | None = Field(None, max_length=2000)  # free text
+    comment: str | None = Field(None, max_length=2000, json_schema_extra={"pattern": "^[^\\u0000]*$"})  # free text (no NUL: the schema says so)
     idempotency_key: uuid.UUID = Field(default_factory=uuid.uuid4)  # drawn once per judgement; resending it stores nothing new
 
     @field_validator("reviewer")
@@ -535,26 +537,10 @@ def trigger_retrain(conn: psycopg.Connection,
     return {**out, "dispatched": True}
 
 # %% ../nbs/06_feedback.ipynb #b1848c33
-class _AsyncPool:
-    "A fixed number of reusable async connections; a broken one is dropped and reopened on its next use."
-    def __init__(self, url: str, schema: str, size: int):
-        self.url, self.options, self.slots = _plain_url(url), f"-c search_path={schema},public", asyncio.Queue()
-        for _ in range(size): self.slots.put_nowait(None)
-
-    @asynccontextmanager
-    async def connection(self):
-        conn = await self.slots.get()
-        try:
-            if conn is None or conn.closed or conn.broken:
-                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, options=self.options, connect_timeout=5)
-            yield conn
-        except psycopg.OperationalError:
-            if conn is not None: await conn.close()
-            conn = None
-            raise
-        finally: self.slots.put_nowait(conn)
-
-_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one pool per event loop
+POOL_TIMEOUT_S = 5.0  # longest a request waits for a free connection before its 503 (the pools are bounded)
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> the task that opens its async pool
+_READ_POOL: dict[str, ConnectionPool] = {}  # the process's pool for the read endpoints (FastAPI runs them in threads)
+_READ_LOCK = threading.Lock()
 
 def _ready_store() -> tuple[str, FeedbackSettings]:
     "URL and settings of a migrated store (blocking: starts the embedded PostgreSQL if needed)."
@@ -562,16 +548,51 @@ def _ready_store() -> tuple[str, FeedbackSettings]:
     with open_store(s.schema_name, url): pass
     return url, s
 
-async def store_pool() -> _AsyncPool:
-    "The running loop's pool, created (and the store migrated) on first use."
-    loop = asyncio.get_running_loop()
-    if loop not in _POOLS:
-        url, s = await asyncio.to_thread(_ready_store)
-        _POOLS.setdefault(loop, _AsyncPool(url, s.schema_name, s.pool_size))
-    return _POOLS[loop]
+def _pool_args(url: str, s: FeedbackSettings) -> dict:
+    return dict(conninfo=_plain_url(url), min_size=1, max_size=s.pool_size, timeout=POOL_TIMEOUT_S, open=False,
+                kwargs=dict(autocommit=True, options=f"-c search_path={s.schema_name},public", connect_timeout=5))
+
+async def _open_pool() -> AsyncConnectionPool:
+    url, s = await asyncio.to_thread(_ready_store)  # the migrations run here: once per pool
+    pool = AsyncConnectionPool(**_pool_args(url, s))
+    await pool.open()
+    return pool
+
+async def store_pool() -> AsyncConnectionPool:
+    "The running loop's bounded pool (psycopg_pool): the first call (the app's start-up) migrates the store and opens it; a failed opening is retried."
+    loop, task = asyncio.get_running_loop(), _POOLS.get(asyncio.get_running_loop())
+    if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+        task = _POOLS[loop] = asyncio.ensure_future(_open_pool())
+    return await asyncio.shield(task)
+
+def read_pool() -> ConnectionPool:
+    "The process's bounded pool for the read endpoints, opened (and the store migrated) once."
+    with _READ_LOCK:
+        if "pool" not in _READ_POOL:
+            pool = ConnectionPool(**_pool_args(*_ready_store()))
+            pool.open()
+            _READ_POOL["pool"] = pool
+    return _READ_POOL["pool"]
+
+# %% ../nbs/06_feedback.ipynb #e458851a
+async def close_pools():
+    "Close this loop's pool and the read pool (the app's shutdown)."
+    task = _POOLS.pop(asyncio.get_running_loop(), None)
+    if task is not None and task.done() and not task.cancelled() and task.exception() is None: await task.result().close()
+    with _READ_LOCK: pool = _READ_POOL.pop("pool", None)
+    if pool is not None: await asyncio.to_thread(pool.close)
+
+@asynccontextmanager
+async def store_lifespan(app):
+    "The router's lifespan: migrate the store and open its pools at start-up, in the background (a store that is down answers 503 until it is up); close them at shutdown."
+    opening = asyncio.gather(store_pool(), asyncio.to_thread(read_pool), return_exceptions=True)
+    try: yield
+    finally:
+        await asyncio.wait([opening], timeout=POOL_TIMEOUT_S * 6)
+        await close_pools()
 
 # %% ../nbs/06_feedback.ipynb #ef52b239
-router = APIRouter(prefix="/feedback", tags=["feedback"])
+router = APIRouter(prefix="/feedback", tags=["feedback"], lifespan=store_lifespan)
 PREGENERATE_HINT = "run `loyaltylens feedback pregenerate --n 20` to pre-generate copy pairs"
 
 _TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> the API token its server runs with
@@ -585,7 +606,7 @@ def _api_token() -> str:
 async def require_token(authorization: str | None = Header(None, description="Bearer <LOYALTYLENS_API_TOKEN>, when the server sets one")):
     "When LOYALTYLENS_API_TOKEN is set, the request must carry it as a Bearer token (401 otherwise)."
     token = _api_token()
-    if token and not hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
+    if token and not bearer_matches(authorization, token):  # the one checker (notebook 00): constant time, any header bytes
         raise HTTPException(401, "authorization: a valid Bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
 # %% ../nbs/06_feedback.ipynb #f6f77f9b
@@ -625,9 +646,11 @@ async def post_feedback(request: Request, _: None = Depends(require_token)) -> R
     return Response(json.dumps(rec), status_code=201 if inserted else 200, media_type="application/json")
 
 # %% ../nbs/06_feedback.ipynb #194e3fac
+@contextmanager
 def _sync_store():
-    "A migrated connection for the read endpoints (FastAPI runs them in its thread pool)."
-    try: return open_store()
+    "A connection of the read pool for the read endpoints (FastAPI runs them in its thread pool); 503 when the store is down or the pool busy."
+    try:
+        with read_pool().connection() as conn: yield conn
     except (psycopg.OperationalError, OSError) as e: raise _unavailable(e) from None
 
 @router.get("/stats", responses={503: _ERRORS[503]})
@@ -636,7 +659,8 @@ def get_stats(days: int = Query(7, ge=1, le=366, description="window length in d
     "Judgements in the last `days` days: counts, mean ratings, breakdowns, head-to-head win rates, per-day series."
     with _sync_store() as conn: return window_stats(conn, days, include_simulated=include_simulated)
 
-@router.get("/export", response_class=PlainTextResponse, responses={503: _ERRORS[503]})
+@router.get("/export", response_class=PlainTextResponse,
+            responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}, "description": "JSONL, one pair per line"}, 503: _ERRORS[503]})
 def get_export(format: Literal["openai-dpo", "trl"] = Query(..., description="openai-dpo or trl"),
                include_simulated: bool = Query(False, description="include simulated judgements (not training data by default)")):
     "The preference dataset as JSONL (one validated line per pair with a majority)."

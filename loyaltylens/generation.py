@@ -19,7 +19,8 @@ import pandas as pd
 import typer, yaml
 from fastcore.basics import patch
 from filelock import FileLock
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .core import (BadInput, app, bench_app, demo_step, gemma_gguf_path, get_settings, latency_summary, llama_cpp_available,
@@ -39,7 +40,7 @@ __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDER
            'number_problems', 'claim_problems', 'fact_problems', 'fact_check', 'EvalCriteria', 'FewShot',
            'PromptVersion', 'Activation', 'ActiveFile', 'prompts_dir', 'UnknownPromptVersion', 'version_key',
            'PromptRegistry', 'write_atomic', 'copy_grammar', 'mentions_offer', 'check_copy', 'RawCompletion',
-           'few_shot_prompt', 'DecodeRules', 'decode_rules', 'growing', 'new_problems', 'piece_ok',
+           'shared_prefix', 'few_shot_prompt', 'DecodeRules', 'decode_rules', 'growing', 'new_problems', 'piece_ok',
            'offer_and_customer', 'english_words', 'copy_texts', 'vocabulary', 'copy_vocabulary', 'trim_vocabulary',
            'copy_gguf_path', 'decode_step_ms', 'CopyDecoder', 'load_decoder', 'last_word_tokens', 'customer_segment',
            'allowed_tones', 'whole_sentences', 'without_dangling', 'skeleton_attempt', 'gbnf_attempt', 'local_attempt',
@@ -48,8 +49,8 @@ __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDER
            'offer_catalog', 'customer_context', 'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide',
            'load_brand_guide', 'BrandScore', 'copy_text', 'brand_violations', 'brand_scores', 'clip_weights_available',
            'ClipScorer', 'random_clip_scorer', 'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts',
-           'generate_endpoint', 'generate_cmd', 'plain_tokens_per_s', 'schema_valid', 'bench_route', 'bench_copy',
-           'bench_copy_cmd']
+           'copy_writer', 'generate_endpoint', 'generate_cmd', 'plain_tokens_per_s', 'schema_valid', 'bench_route',
+           'bench_copy', 'bench_copy_cmd']
 
 # %% ../nbs/04_generation.ipynb #8ec69637
 WORD_LIMITS = {"headline": 8, "body": 40, "cta": 5}  # hard limits of the contract; a prompt version may be stricter
@@ -515,12 +516,16 @@ class RawCompletion:
     prompt_evaluated: int | None = None  # prompt tokens actually run through the model (the rest came from the KV cache)
     decode_s: float | None = None  # seconds spent generating, after the prompt was evaluated
 
+def shared_prefix(prompt: PromptVersion) -> str:  # the version to render
+    "The start every prompt of a version shares: system line and worked examples, up to where this customer and offer begin."
+    shots = [f"{user} {answer}" for user, answer in prompt.example_prompts()]
+    return "\n\n".join([prompt.system.strip(), *shots]) + "\n\n"
+
 def few_shot_prompt(prompt: PromptVersion,  # the version to render
                     context: dict,  # `prompt_context` of the customer and offer
                     source: str = "prompt") -> str:  # named in errors
     "The base-model prompt: system line, worked examples (the fixed prefix), then this customer and offer."
-    shots = [f"{user} {answer}" for user, answer in prompt.example_prompts()]
-    return "\n\n".join([prompt.system.strip(), *shots, render_prompt(prompt.user_template, context, source)])
+    return shared_prefix(prompt) + render_prompt(prompt.user_template, context, source)
 
 @lru_cache(maxsize=64)
 def _compiled_grammar(text: str):
@@ -680,12 +685,13 @@ def trim_vocabulary(src: Path,  # the full GGUF
         w.add_tensor(t.name, np.ascontiguousarray(t.data[keep] if t.name == "token_embd.weight" else t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
 
-def copy_gguf_path() -> Path:
+def copy_gguf_path(build: bool = True) -> Path:  # False: FileNotFoundError instead of building (a server never builds)
     "The packaged Gemma with the copy vocabulary, written into the workspace on first use (a new file when its inputs change)."
     import llama_cpp
-    src = gemma_gguf_path()
+    src = gemma_gguf_path(build)
     inputs = "\n".join([src.name, str(COPY_VOCAB_RULES), str(MAX_SHORT_PIECE), *english_words(), copy_texts()])
     path = workspace("models") / f"{src.stem}-copy-vocab-{hashlib.sha256(inputs.encode()).hexdigest()[:10]}.gguf"
+    if not build and not path.exists(): raise FileNotFoundError(f"the copy-vocabulary model {path.name} is not built")
     with workspace_lock("gemma-copy-vocab"):
         if not path.exists():
             part = path.with_suffix(".part")
@@ -766,10 +772,20 @@ def cached(self: CopyDecoder, tokens: list[int]) -> int:
 @patch
 def eval_prompt(self: CopyDecoder,
                 text: str,  # the whole prompt, without BOS
-                reuse: bool = True) -> int:  # keep the cached prefix (False = a cold prompt)
-    "Evaluate `text` after BOS, re-using the KV cache of its longest cached prefix; returns the tokens evaluated."
+                reuse: bool = True,  # keep the cached prefix (False = a cold prompt)
+                shared: str = "") -> int:  # the start all prompts share (`shared_prefix`): keep the cache up to its end, never further
+    """Evaluate `text` after BOS, re-using the KV cache of its longest cached prefix; returns the tokens evaluated.
+    With `shared`, exactly that prefix is kept (evaluated on its own when missing), so the result depends on `text` only,
+    never on what the previous prompt left in the cache."""
     tokens = self.tokens(text, bos=True)
-    keep = self.cached(tokens) if reuse else 0
+    if shared and reuse:
+        head = self.tokens(shared, bos=True)
+        n = next((i for i, (a, b) in enumerate(zip(head, tokens)) if a != b), min(len(head), len(tokens) - 1))
+        if self.cached(tokens) < n:  # another version's prefix (or none): the shared prefix alone, from position 0
+            self.llm.n_tokens = 0
+            self.llm.eval(tokens[:n])
+        keep = n
+    else: keep = self.cached(tokens) if reuse else 0
     self.llm.n_tokens = keep  # `Llama.eval` drops the cache from this position on, then decodes the rest
     self.llm.eval(tokens[keep:])
     return len(tokens) - keep
@@ -904,7 +920,7 @@ def skeleton_attempt(decoder: CopyDecoder, prompt: PromptVersion, context: dict,
     prefix, (offer, customer) = render_prompt(prompt.headline_prefix, context), offer_and_customer(context)
     rules = decode_rules(offer, customer)
     text = few_shot_prompt(prompt, context, f"prompts/{prompt.version}.yaml") + ' {"headline": "' + prefix
-    evaluated = decoder.eval_prompt(text)
+    evaluated = decoder.eval_prompt(text, shared=shared_prefix(prompt))  # from the shared prefix: the copy depends on this request only
     t0, sampler, values, generated = time.perf_counter(), decoder.sampler(s["temperature"], seed + attempt), {}, 0
     for key, after in [("headline", "body"), ("body", "cta"), ("cta", "tone")]:
         glue = f'", "{after}": "'  # the program's JSON between two values
@@ -1295,13 +1311,20 @@ def missing_copy_artefacts(smoke: bool) -> str | None:
     if default_store_path(smoke).exists() and (_default_dir(smoke) / "bundle.json").exists(): return None
     return "loyaltylens model train" + (" --smoke" if smoke else "")
 
-_ERRORS = {404: "unknown customer or offer", 502: "the LLM gave no valid copy", 503: "artefacts or the LLM are missing (the detail names the fix)"}
+_ERRORS = {404: "unknown customer or offer", 502: "the LLM gave no valid copy",
+           503: "artefacts or the LLM are missing (the detail names the fix), or the model's queue is full (retry after Retry-After seconds)"}
+
+def copy_writer():
+    "FastAPI dependency: how the router writes copy (here `generate_copy` in a worker thread; the one app overrides it with its model worker)."
+    async def write(req: CopyRequest) -> OfferCopy:
+        if command := missing_copy_artefacts(_smoke_default(None)): raise HTTPException(503, f"not built yet: run `{command}`")
+        return await run_in_threadpool(generate_copy, req.customer_id, req.offer_id, req.prompt_version, req.backend)
+    return write
 
 @router.post("/generate", response_model=OfferCopy, responses={k: {"description": v} for k, v in _ERRORS.items()})
-def generate_endpoint(req: CopyRequest) -> OfferCopy:
+async def generate_endpoint(req: CopyRequest, write=Depends(copy_writer)) -> OfferCopy:
     "Offer copy for a customer and an offer, from the active (or the given) prompt version; never builds artefacts."
-    if command := missing_copy_artefacts(_smoke_default(None)): raise HTTPException(503, f"not built yet: run `{command}`")
-    try: return generate_copy(req.customer_id, req.offer_id, req.prompt_version, req.backend)
+    try: return await write(req)
     except KeyError as e: raise HTTPException(404, str(e).strip("'\""))
     except PromptError as e: raise _field_error("prompt_version", str(e))
     except GenerationError as e: raise HTTPException(503 if "set OPENAI_API_KEY" in str(e) else 502, str(e))

@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 
-from .core import path_option, BadInput, app, demo_step, get_settings, load_llm, mlflow_experiment, workspace
+from .core import path_option, BadInput, app, bearer_matches, demo_step, get_settings, load_llm, mlflow_experiment, workspace
 from .generation import (ACTIVATE_LOCK_TIMEOUT_S, VERSION_RE, Activation, ActiveFile, CopyText,
                                     GenerationError, PromptError, PromptRegistry, UnknownPromptVersion, brand_scores,
                                     WORD_LIMITS, allowed_tones, copy_text, customer_segment, fact_check, load_brand_guide, mentions_offer, n_words, prompt_context,
@@ -792,13 +792,12 @@ def dashboard_cmd(port: int = typer.Option(8501, help="port on 127.0.0.1"), head
     raise typer.Exit(subprocess.call(argv))  # noqa: S603 -- a fixed argv, no shell
 
 # %% ../nbs/05_llmops.ipynb #cfc5390b
-import hmac
 router = APIRouter(prefix="/llmops", tags=["llmops"])
 
 def require_token(authorization: str | None = Header(None, description="Bearer <LOYALTYLENS_API_TOKEN>, when that is set")):
     "Allow the request when no API token is configured, or when it carries the token as a Bearer token; 401 otherwise."
     token = getattr(get_settings(), "api_token", None)
-    if token and not hmac.compare_digest(authorization or "", f"Bearer {token}"):  # constant time: no timing oracle
+    if token and not bearer_matches(authorization, token):  # the one checker (notebook 00): constant time, any header bytes
         raise HTTPException(401, "authorization: a valid Bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
 class ActivateRequest(BaseModel):

@@ -16,13 +16,13 @@ import pandas as pd
 import typer
 
 from .core import path_option, bench_app, workspace
-from .pipeline import NON_LLM_GOAL_MS, NON_LLM_STAGES, PUBLISHED_NON_LLM_MS
+from .pipeline import NON_LLM_GOAL_MS, NON_LLM_STAGES, PUBLISHED_LOOKUP_MS, PUBLISHED_NON_LLM_MS, SERVE_GOALS
 
 # %% auto #0
-__all__ = ['Tier', 'SCALES', 'MEASUREMENTS', 'PUBLISHED_LOOKUP_MS', 'FACT_HEADLINES', 'LANDING_HEADLINES', 'BENCH_HEADLINES',
-           'HEADLINES', 'Headline', 'Scale', 'get_scale', 'measurement', 'run_measurements', 'headline_report',
-           'report_markdown', 'write_report', 'measure_propensity', 'measure_leakage', 'measure_copy', 'measure_gate',
-           'measure_readers', 'measure_facts', 'measure_drift', 'measure_pipeline', 'measure_feedback',
+__all__ = ['Tier', 'SCALES', 'MEASUREMENTS', 'FACT_HEADLINES', 'LANDING_HEADLINES', 'BENCH_HEADLINES', 'HEADLINES', 'Headline',
+           'Scale', 'get_scale', 'measurement', 'run_measurements', 'headline_report', 'report_markdown',
+           'write_report', 'measure_propensity', 'measure_leakage', 'measure_copy', 'measure_gate', 'measure_readers',
+           'measure_facts', 'measure_drift', 'measure_pipeline', 'measure_feedback', 'measure_serve',
            'measure_retrieval', 'measure_features', 'measure_uplift', 'measure_scale_equality', 'measure_scale_rate',
            'select_headlines', 'HeadlineFailure', 'failures', 'bench_all', 'bench_all_cmd']
 
@@ -62,10 +62,13 @@ class Scale:
     queries: int  # ground-truth retrieval queries
     feature_customers: int  # world size of the feature-store benchmark
     scale_customers: int  # world size of DuckDB's snapshot build rate (notebook 01b's bar is set at 5M)
+    serve_requests: int = 2_000  # requests per load level of `bench serve`
+    serve_copies: int = 8  # copy requests per copy phase of `bench serve`
 
 SCALES = {s.name: s for s in [
     Scale("smoke", True, copies=5, gate_cases=8, gate_copies=1, pipeline_customers=20, feedback_clients=4, feedback_posts=50,
-          offers=200, queries=60, feature_customers=2_000, scale_customers=20_000),
+          offers=200, queries=60, feature_customers=2_000, scale_customers=20_000,
+          serve_requests=200, serve_copies=2),
     Scale("default", False, copies=30, gate_cases=None, gate_copies=2, pipeline_customers=200, feedback_clients=20, feedback_posts=250,
           offers=200, queries=600, feature_customers=100_000, scale_customers=5_000_000),
     Scale("large", False, copies=100, gate_cases=None, gate_copies=4, pipeline_customers=1_000, feedback_clients=20, feedback_posts=250,
@@ -143,8 +146,6 @@ def write_report(report: pd.DataFrame, results: dict, scale: Scale, folder: Path
     return paths
 
 # %% ../nbs/08_recap.ipynb #8c63ddc2
-PUBLISHED_LOOKUP_MS = 4.0  # Article 8 on Module 1: "~4ms median lookup latency on a 5M-row table"
-
 @measurement("propensity")
 def measure_propensity(scale: Scale) -> dict:
     "Test-month AUC and calibration of the default TabTransformer against gradient boosting (trains once per workspace)."
@@ -257,6 +258,18 @@ def measure_feedback(scale: Scale) -> dict:
     return {"feedback.writes_per_s": r["rate"], "feedback.rows_lost": r["acked"] - r["distinct_keys"],
             "feedback.rows_duplicated": r["rows"] - r["distinct_keys"]}
 
+# %% ../nbs/08_recap.ipynb #3f2fabe8
+@measurement("serve")
+def measure_serve(scale: Scale) -> dict:
+    "The one app over loopback HTTP (`bench serve`): served-path p50s at 1 client, lookups/s at 16, copies/s at 1 vs 4, the cold path, ratios to the published figures."
+    from loyaltylens.pipeline import bench_serve
+    r = bench_serve(scale.serve_requests, scale.serve_copies, scale.smoke_world)
+    copies = r["copies_per_s"][r["owner"]]
+    return {"serve.features_p50_ms": r["features_p50_ms"], "serve.pipeline_p50_ms": r["pipeline_p50_ms"], "serve.features_per_s": r["features_per_s"],
+            "serve.errors": r["errors"], "serve.pipeline_cold_p50_ms": r["pipeline_cold_p50_ms"], "serve.copies_per_s_1": copies[1],
+            "serve.copies_per_s_4": copies[4], "serve.published_lookup_over_served": r["published_lookup_over_served"],
+            "serve.published_pipeline_over_served": r["published_pipeline_over_served"], "serve.published_pipeline_over_cold": r["published_pipeline_over_cold"]}
+
 # %% ../nbs/08_recap.ipynb #e0761565
 @measurement("retrieval")
 def measure_retrieval(scale: Scale) -> dict:
@@ -348,6 +361,22 @@ BENCH_HEADLINES = [  # minutes each at default scale: checked by `make bench` an
              f"≤ {NON_LLM_GOAL_MS:g} ms", lambda v: v <= NON_LLM_GOAL_MS, "", "bench"),
     Headline("features.lookup_p50_ms", "features", "Article 1", "online feature lookup p50, ms", f"< {PUBLISHED_LOOKUP_MS:g} ms",
              lambda v: v < PUBLISHED_LOOKUP_MS, "Article 8 on Module 1: \"~4ms median lookup latency on a 5M-row table\"", "bench"),
+    Headline("serve.features_p50_ms", "serve", "Article 7", "GET /features/{id} p50 over loopback HTTP on the one app, 1 client, served path, ms",
+             f"≤ {SERVE_GOALS['features_p50_ms']:g} ms", lambda v: v <= SERVE_GOALS["features_p50_ms"], "", "bench"),
+    Headline("serve.pipeline_p50_ms", "serve", "Article 7", "POST /pipeline/{id}?copy=false p50 over HTTP, 1 client, served path, ms",
+             f"≤ {SERVE_GOALS['pipeline_p50_ms']:g} ms", lambda v: v <= SERVE_GOALS["pipeline_p50_ms"], "", "bench"),
+    Headline("serve.features_per_s", "serve", "Article 7", "feature lookups/s over HTTP, 16 clients (the load generator shares the cores)",
+             f"≥ {SERVE_GOALS['features_per_s']:,}", lambda v: v >= SERVE_GOALS["features_per_s"], "", "bench"),
+    Headline("serve.errors", "serve", "Article 7", "non-2xx answers other than documented 503s, every phase of `bench serve`", "= 0", lambda v: v == 0, "", "bench"),
+    Headline("serve.pipeline_cold_p50_ms", "serve", "Article 7", "POST /pipeline p50 over HTTP, 1 client, cold path (no table), ms", "reported", None, "", "bench"),
+    Headline("serve.copies_per_s_1", "serve", "Article 7", "copies/s over HTTP, 1 client (the faster owner)", "reported", None, "", "bench"),
+    Headline("serve.copies_per_s_4", "serve", "Article 7", "copies/s over HTTP, 4 clients (the faster owner)", "reported", None, "", "bench"),
+    Headline("serve.published_lookup_over_served", "serve", "Article 1", "published lookup ÷ ours, served path over HTTP", "reported", None,
+             "Article 8 on Module 1: \"~4ms median lookup latency on a 5M-row table\"", "bench"),
+    Headline("serve.published_pipeline_over_served", "serve", "Article 7", "published non-LLM stages ÷ ours, served path over HTTP", "reported", None,
+             "Article 7 (as issue 14 quotes it): 54 ms for features + propensity + retrieval", "bench"),
+    Headline("serve.published_pipeline_over_cold", "serve", "Article 7", "published non-LLM stages ÷ ours, cold path over HTTP", "reported", None,
+             "Article 7 (as issue 14 quotes it): 54 ms for features + propensity + retrieval", "bench"),
     Headline("uplift.top20_ratio", "uplift", "beyond (02a)", "incremental purchases of the top 20% by uplift ÷ by propensity (true effects, test month)",
              "≥ 1.5", lambda v: v >= 1.5, "", "bench"),
     Headline("uplift.auuc_share", "uplift", "beyond (02a)", "AUUC of the serving uplift learner, share of the oracle's", "≥ 70%",

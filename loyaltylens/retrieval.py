@@ -15,8 +15,8 @@ import numpy as np
 from fastcore.basics import patch
 import pandas as pd
 import typer
-from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field, model_validator
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .core import (BadInput, app, bench_app, demo_step, get_settings, latency_summary, load_minilm,
                               minilm_path, pg_connect, pg_url, workspace, workspace_lock)
@@ -34,7 +34,7 @@ __all__ = ['OFFER_COLUMNS', 'CHANNEL_WORDS', 'FILTER_KEYS', 'K_MAX', 'META_COLUM
            'co_redeemed_pairs', 'customer_query_pairs', 'passed_offers', 'trainable_minilm', 'fine_tune',
            'training_rows', 'adapted_model', 'compare_adaptations', 'compare_modes', 'bench_world', 'hnsw_sweep',
            'bench_paths', 'benchmark', 'bench_report', 'serving_retriever', 'RetrieveRequest', 'OfferHit',
-           'RetrieveResponse', 'retrieve', 'index_cmd', 'search_cmd', 'bench_cmd']
+           'RetrieveResponse', 'offer_finder', 'retrieve', 'find_offers', 'index_cmd', 'search_cmd', 'bench_cmd']
 
 # %% ../nbs/03_retrieval.ipynb #a8de5d98
 OFFER_COLUMNS = ["offer_id", "title", "description", "category", "channel", "discount_pct", "expiry_days", "min_propensity"]
@@ -1166,6 +1166,7 @@ def serving_retriever(backend: str = "pgvector", smoke: bool = False) -> OfferRe
 # %% ../nbs/03_retrieval.ipynb #81da83c2
 class RetrieveRequest(BaseModel):
     "Offers for a customer or a free-text query."
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": [k], "properties": {k: {"type": "string"}}} for k in ("customer_id", "query")]})  # the schema says "one of them"
     customer_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", description="a customer of the world")
     query: str | None = Field(None, min_length=1, max_length=500, description="free text, e.g. 'coffee deals in the app'")
     k: int = Field(5, ge=1, le=K_MAX, description="offers to return")
@@ -1193,11 +1194,22 @@ class RetrieveResponse(BaseModel):
 # %% ../nbs/03_retrieval.ipynb #157c1b6e
 router = APIRouter(prefix="/offers", tags=["offers"])
 
+def offer_finder():
+    "FastAPI dependency: how the router finds offers (here `find_offers`; the one app overrides it with its loaded pipeline, which never builds an index)."
+    return find_offers
+
 @router.post("/retrieve", response_model=RetrieveResponse, responses={404: {"description": "unknown customer_id"},
              503: {"description": "the chosen backend is not reachable, or the propensity model is not built (the message says how to fix it)"}})
-def retrieve(req: RetrieveRequest) -> RetrieveResponse:
+def retrieve(req: RetrieveRequest, find=Depends(offer_finder)) -> RetrieveResponse:
     "Top-k offers with scores for a customer_id or a query."
     t = time.perf_counter()
+    out, query, filters, source = find(req)
+    return RetrieveResponse(offers=out[["offer_id", "title", "category", "channel", "discount_pct", "rank", "score"]].to_dict("records"),
+                            score_kind=SCORE_KIND[req.mode], mode=req.mode, backend=req.backend or "pgvector", query=query, filters=filters,
+                            propensity_source=source, latency_ms=(time.perf_counter() - t) * 1000)
+
+def find_offers(req: RetrieveRequest) -> tuple[pd.DataFrame, str, dict | None, str | None]:
+    "(ranked offers, query searched, filters, propensity source) for a request, from this module's serving retriever."
     smoke, backend = _serving_smoke(), req.backend or "pgvector"
     if backend == "weaviate" and not weaviate_status()[0]: raise HTTPException(503, f"backend: {weaviate_status()[1]}")
     r, source = serving_retriever(backend, smoke), None
@@ -1211,9 +1223,7 @@ def retrieve(req: RetrieveRequest) -> RetrieveResponse:
                                     propensity=float(scores[0]), smoke=smoke)
         query, filters = out.attrs["query"], out.attrs["filters"]
     else: out, query, filters = r.search(req.query, req.k, req.mode), req.query, None
-    return RetrieveResponse(offers=out[["offer_id", "title", "category", "channel", "discount_pct", "rank", "score"]].to_dict("records"),
-                            score_kind=SCORE_KIND[req.mode], mode=req.mode, backend=backend, query=query, filters=filters,
-                            propensity_source=source, latency_ms=(time.perf_counter() - t) * 1000)
+    return out, query, filters, source
 
 # %% ../nbs/03_retrieval.ipynb #5297ea6a
 offers_app = typer.Typer(no_args_is_help=True, help="Offer retrieval: index the catalog, search it, benchmark the paths.")

@@ -108,3 +108,42 @@ def test_serve_binds_loopback_and_gates_writes(tmp_path, root):
         r = httpx.options(f"{url}/feedback", headers={"Origin": OTHER_ORIGIN, "Access-Control-Request-Method": "POST"})
         assert "access-control-allow-origin" not in r.headers
     finally: stop_process(proc)
+
+
+def test_non_loopback_host_needs_a_token(monkeypatch):
+    "`serve --host 0.0.0.0` without LOYALTYLENS_API_TOKEN refuses to start (exit 2, naming the variable); loopback names are accepted."
+    from typer.testing import CliRunner
+    from loyaltylens.core import app as cli
+    from loyaltylens.pipeline import is_loopback
+    monkeypatch.delenv("LOYALTYLENS_API_TOKEN", raising=False)
+    r = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--port", "1"])
+    assert r.exit_code == 2 and "LOYALTYLENS_API_TOKEN" in r.output, r.output
+    assert [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2", "0.0.0.0", "192.168.1.5", "example.com")] == [True] * 4 + [False] * 3
+
+
+def test_customer_data_reads_need_the_token(monkeypatch, prompts_copy):
+    "With a token set: customer features and the preference export are 401 without it, a non-ASCII header is a 401 (never a 500), health stays open."
+    monkeypatch.setenv("LOYALTYLENS_API_TOKEN", TOKEN)
+    monkeypatch.setenv("LOYALTYLENS_SMOKE", "1")
+    with TestClient(create_app()) as c:
+        for path in ("/features/C00000001", "/feedback/export?format=trl"):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer tést-token".encode()}, {"Authorization": b"Bearer \xff\xfe"}):
+                r = c.get(path, headers=headers)
+                assert r.status_code == 401, (path, headers, r.status_code, r.text)
+            assert c.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code != 401, path
+        assert c.get("/health").status_code == 200
+        doc = c.get("/openapi.json").json()
+        guarded = {(m.upper(), p) for p, ops in doc["paths"].items() for m, op in ops.items() if op.get("security")}
+        assert {("GET", "/features/{customer_id}"), ("GET", "/feedback/export"), ("POST", "/feedback")} <= guarded, guarded
+        assert ("GET", "/health") not in guarded and ("GET", "/features/versions") not in guarded
+
+
+def test_non_ascii_authorization_on_a_real_server(tmp_path, root):
+    "Raw non-ASCII bytes in the Authorization header of a real `serve` process: 401 on every guarded route, never a 500."
+    proc, url = serve_process({"LOYALTYLENS_SMOKE": "1", "LOYALTYLENS_API_TOKEN": TOKEN, "LOYALTYLENS_CORS_ORIGINS": ""})
+    try:
+        for method, path in (("GET", "/features/C00000001"), ("GET", "/feedback/export?format=trl"), ("POST", "/feedback"),
+                             ("POST", "/llmops/prompts/activate"), ("POST", "/pipeline/C00000001")):
+            r = httpx.request(method, f"{url}{path}", headers={"Authorization": b"Bearer \xc3\xa9\xff"}, json={})
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
+    finally: stop_process(proc)

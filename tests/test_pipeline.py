@@ -186,36 +186,41 @@ def test_serve_on_an_empty_workspace_answers_503(tmp_path):
 
 
 def test_app_routes_and_schema(pipeline, cid, smoke_env):
-    client = TestClient(create_app())
+    with TestClient(create_app()) as client: check_routes_and_schema(client, pipeline, cid)
+
+
+def check_routes_and_schema(client, pipeline, cid):
     r = client.post(f"/pipeline/{cid}", params={"copy": "false"})
     assert r.status_code == 200, r.text
     assert [o["offer_id"] for o in r.json()["offers"]] == [o["offer_id"] for o in pipeline.run_for_customer(cid, copy=False).offers]
     assert client.post("/pipeline/C99999999").status_code == 404
     assert client.post("/pipeline/bad id!").status_code == 422
     bad_date = client.post(f"/pipeline/{cid}", params={"as_of": "2024-13-45"})
-    assert bad_date.status_code == 422 and bad_date.json()["detail"][0]["loc"] == ["query", "as_of"], bad_date.text
+    assert bad_date.status_code == 422 and bad_date.json()["detail"][0]["loc"][:2] == ["query", "as_of"], bad_date.text
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["backends"]["offer index"]["status"] == "ok" and {"features", "propensity", "retrieval", "generation", "pipeline"} <= set(h["routers"]), h
     post = client.get("/openapi.json").json()["paths"]["/pipeline/{customer_id}"]["post"]
-    assert {"200", "401", "404", "422", "502", "503"} == set(post["responses"])
+    assert {"200", "404", "422", "502", "503"} == set(post["responses"])  # no token set: no 401 documented
 
 
 def test_token_required_on_writes_when_configured(cid, smoke_env, monkeypatch):
     monkeypatch.setenv("LOYALTYLENS_API_TOKEN", "s3cret-test-token")
-    client = TestClient(create_app())
-    assert client.post(f"/pipeline/{cid}", params={"copy": "false"}).status_code == 401
-    assert client.post(f"/pipeline/{cid}", params={"copy": "false"}, headers={"Authorization": "Bearer nope"}).status_code == 401
-    ok = client.post(f"/pipeline/{cid}", params={"copy": "false"}, headers={"Authorization": "Bearer s3cret-test-token"})
-    assert ok.status_code == 200, ok.text
-    assert client.get("/health").status_code == 200 and client.get(f"/features/{cid}").status_code == 200
+    auth = {"Authorization": "Bearer s3cret-test-token"}
+    with TestClient(create_app()) as client:
+        assert client.post(f"/pipeline/{cid}", params={"copy": "false"}).status_code == 401
+        assert client.post(f"/pipeline/{cid}", params={"copy": "false"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        ok = client.post(f"/pipeline/{cid}", params={"copy": "false"}, headers=auth)
+        assert ok.status_code == 200, ok.text
+        assert client.get("/health").status_code == 200 and client.get("/features/versions").status_code == 200  # reads without customer data stay open
+        assert client.get(f"/features/{cid}").status_code == 401 and client.get(f"/features/{cid}", headers=auth).status_code == 200
 
 
 def test_cors_closed_unless_configured(smoke_env, monkeypatch):
     pre = dict(headers={"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"})
-    closed = TestClient(create_app()).options("/pipeline/C00000001", **pre)
+    with TestClient(create_app()) as c: closed = c.options("/pipeline/C00000001", **pre)
     assert "access-control-allow-origin" not in closed.headers
     monkeypatch.setenv("LOYALTYLENS_CORS_ORIGINS", "http://ui.example")
-    opened = TestClient(create_app()).options("/pipeline/C00000001", **pre)
+    with TestClient(create_app()) as c: opened = c.options("/pipeline/C00000001", **pre)
     assert opened.headers.get("access-control-allow-origin") == "http://ui.example", opened.headers
 
 
