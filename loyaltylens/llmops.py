@@ -421,12 +421,12 @@ def rules_vs_reward(model,  # a `readers.RewardModel`
                     smoke: bool,  # the corpus of the small world
                     seed: int = 1) -> dict:  # a fresh draw of the panel (the model learned from seed 0's)
     "On the held-out corpus: agreement with reviewers of the reward model vs the rule criteria, with the paired bootstrap of the difference."
-    from loyaltylens.readers import CORPUS_CONTEXTS, build_corpus, context_pairs, judge_pairs, with_utility
+    from loyaltylens.readers import CORPUS_CONTEXTS, build_corpus, context_pairs, judge_pairs, pairwise_accuracy, with_utility
     corpus = with_utility(build_corpus(CORPUS_CONTEXTS[smoke], smoke))
     held = corpus[corpus.split == "heldout"].reset_index(drop=True)
     j = judge_pairs(held.utility.to_numpy(), context_pairs(held), model.noise, seed=seed)
     rules = np.array([rule_score(r, json.loads(r.context), json.loads(r.customer), json.loads(r.offer)) for _, r in held.iterrows()])
-    return paired_agreement(model.score(held), rules, j)
+    return paired_agreement(model.score(held), rules, j) | dict(ceiling=pairwise_accuracy(held.utility.to_numpy(), j))
 
 # %% ../nbs/05_llmops.ipynb #9c04ff42
 PSI_FLOOR = 1e-4  # share given to an empty bin, so ln(a/e) stays finite

@@ -342,10 +342,11 @@ def within_context_spearman(corpus: pd.DataFrame,  # copies with `context_id`
 def grade_reward(corpus: pd.DataFrame,  # the corpus with `utility` and `split`
                  reward: np.ndarray,  # the reward per copy
                  judgements: pd.DataFrame,  # all judgements (`a`, `b`, `choice`)
-                 split: str = "heldout") -> dict:  # which contexts to grade on
+                 split: str = "heldout",  # which contexts to grade on
+                 versions=None) -> dict:  # only copies of these prompt versions; None = all
     "The reward model's grades on one side of the split: accuracy against reviewers, the noise ceiling, their ratio, within-context Spearman."
-    on = corpus.split.to_numpy() == split
-    j, truth = judgements[on[judgements.a]], corpus.utility.to_numpy()
+    on = (corpus.split.to_numpy() == split) & (corpus.version.isin(versions).to_numpy() if versions is not None else True)
+    j, truth = judgements[on[judgements.a] & on[judgements.b]], corpus.utility.to_numpy()
     acc, ceiling = pairwise_accuracy(reward, j), pairwise_accuracy(truth, j)
     return dict(split=split, contexts=int(corpus[on].context_id.nunique()), decided=int((j.choice != 0).sum()), accuracy=acc,
                 noise_ceiling=ceiling, share_of_ceiling=acc / ceiling, spearman=within_context_spearman(corpus[on], reward[on], truth[on]))

@@ -195,15 +195,18 @@ def measure_gate(scale: Scale) -> dict:
 def measure_readers(scale: Scale) -> dict:
     "The reward model's grades on held-out customers and offers, the flipped-reviewer control, and the reward model vs the rules."
     from loyaltylens.llmops import rules_vs_reward
-    from loyaltylens.readers import (CORPUS_CONTEXTS, agreement, build_corpus, context_pairs, default_reward_model, flipped_control,
-                                     reward_inputs, with_utility)
+    from loyaltylens.readers import (CORPUS_CONTEXTS, CORPUS_VERSIONS, agreement, build_corpus, context_pairs, default_reward_model,
+                                     flipped_control, grade_reward, judge_pairs, reward_inputs, with_utility)
     model = default_reward_model(scale.smoke_world)
     corpus = with_utility(build_corpus(CORPUS_CONTEXTS[scale.smoke_world], scale.smoke_world))
     pairs, u = context_pairs(corpus), corpus.utility.to_numpy()
     g, vs = model.grades, rules_vs_reward(model, scale.smoke_world)
+    close = grade_reward(corpus, model.score(corpus), judge_pairs(u, pairs, model.noise, seed=model.cfg.seed), "heldout",
+                         [v for v in CORPUS_VERSIONS if v != "v3-subtle"])  # the close calls, without the generic prompt
     return {"readers.reviewer_agreement": agreement(u[pairs.a] - u[pairs.b], model.noise, seed=1), "readers.noise_ceiling": g["noise_ceiling"],
             "readers.rm_accuracy": g["accuracy"], "readers.rm_share_of_ceiling": g["share_of_ceiling"], "readers.rm_spearman": g["spearman"],
             "readers.flipped_spearman": flipped_control(corpus, reward_inputs(corpus), model.noise, model.cfg)["spearman"],
+            "readers.rm_share_of_ceiling_close": close["share_of_ceiling"], "readers.rm_spearman_close": close["spearman"],
             "readers.rm_minus_rules": vs["diff"], "readers.rm_minus_rules_low": vs["lo"]}
 
 # %% ../nbs/08_recap.ipynb #4267ba7b
@@ -397,6 +400,9 @@ BENCH_HEADLINES = [  # minutes each at default scale: checked by `make bench` an
              "share of the noise ceiling", "≥ 90%", lambda v: v >= 0.90, "", "bench"),
     Headline("readers.rm_spearman", "readers", "beyond (04b)", "reward model vs the hidden copy utility: Spearman within each context, averaged, held out",
              "≥ 0.60", lambda v: v >= 0.60, "", "bench"),
+    Headline("readers.rm_share_of_ceiling_close", "readers", "beyond (04b)", "the same share on the close calls: held-out pairs among v1, v2 and v4 only",
+             "reported", None, "", "bench"),
+    Headline("readers.rm_spearman_close", "readers", "beyond (04b)", "within-context Spearman on v1, v2 and v4 copies only", "reported", None, "", "bench"),
     Headline("readers.flipped_spearman", "readers", "beyond (04b)", "the same, trained on reviewers with the taste flipped", "< 0",
              lambda v: v < 0, "", "bench"),
     Headline("readers.rm_minus_rules_low", "readers", "beyond (04b)", "agreement with reviewers, reward model − rule criteria: 95% interval's low end",
