@@ -21,15 +21,16 @@ from .generation import (LAPSED_AFTER_DAYS, LOYAL_MAX_RECENCY, LOYAL_MIN_PURCHAS
 
 # %% auto #0
 __all__ = ['STOPWORDS', 'RARE_PURCHASES', 'AWAY_CUES', 'REGULAR_CUES', 'CLICHES', 'ACTION_VERBS', 'IDEAL_SENTENCE_WORDS',
-           'LENGTH_COST', 'CLICHE_COST', 'REPEAT_COST', 'TASTE_WEIGHTS', 'COPY_LOGIT_PER_UTILITY', 'NEUTRAL_UTILITY',
-           'CORPUS_VERSIONS', 'HELDOUT_SHARE', 'REVIEWER_AGREEMENT', 'TIE_MARGIN', 'N_REVIEWERS', 'LENIENCY_SD',
-           'JUDGEMENTS_PER_PAIR', 'CORPUS_CONTEXTS', 'readers_app', 'content_words', 'offer_terms', 'copy_text',
-           'habit_cues', 'sentences', 'readability', 'utility_parts', 'copy_utility', 'redeem_with_copy', 'heldout',
-           'corpus_contexts', 'corpus_key', 'write_corpus', 'build_corpus', 'with_utility', 'context_pairs', 'choices',
-           'agreement', 'calibrate_noise', 'stars', 'judge_pairs', 'pairwise_accuracy', 'context_line', 'habit_numbers',
-           'reward_inputs', 'RewardHead', 'bradley_terry_loss', 'RewardTraining', 'train_reward', 'rewards',
-           'within_context_spearman', 'grade_reward', 'flipped_control', 'RewardModel', 'reward_model_path',
-           'fit_reward_model', 'save_reward_model', 'load_reward_model', 'default_reward_model', 'train_cmd']
+           'LENGTH_COST', 'CLICHE_COST', 'REPEAT_COST', 'BRAND_SHARE', 'ACTION_ONLY', 'TASTE_WEIGHTS',
+           'COPY_LOGIT_PER_UTILITY', 'NEUTRAL_UTILITY', 'CORPUS_VERSIONS', 'HELDOUT_SHARE', 'REVIEWER_AGREEMENT',
+           'TIE_MARGIN', 'N_REVIEWERS', 'LENIENCY_SD', 'JUDGEMENTS_PER_PAIR', 'CORPUS_CONTEXTS', 'readers_app',
+           'content_words', 'offer_terms', 'copy_text', 'habit_cues', 'sentences', 'readability', 'utility_parts',
+           'copy_utility', 'redeem_with_copy', 'heldout', 'corpus_contexts', 'corpus_key', 'write_corpus',
+           'build_corpus', 'with_utility', 'context_pairs', 'choices', 'agreement', 'calibrate_noise', 'stars',
+           'judge_pairs', 'pairwise_accuracy', 'context_line', 'habit_numbers', 'reward_inputs', 'RewardHead',
+           'bradley_terry_loss', 'RewardTraining', 'train_reward', 'rewards', 'within_context_spearman', 'grade_reward',
+           'flipped_control', 'RewardModel', 'reward_model_path', 'fit_reward_model', 'save_reward_model',
+           'load_reward_model', 'default_reward_model', 'train_cmd']
 
 # %% ../nbs/04b_readers.ipynb #0e7367b9
 STOPWORDS = frozenset("""a an the and or but so of to in on at for with by from as is are be been it its this that these those
@@ -91,18 +92,21 @@ def readability(body: str, text: str, discount: str) -> float:  # the body; all 
     return max(0.0, 1 - CLICHE_COST * cliches - REPEAT_COST * repeats - LENGTH_COST * off_length)
 
 # %% ../nbs/04b_readers.ipynb #21c4b90e
+BRAND_SHARE = 0.2  # of the product part that needs the brand named too
+ACTION_ONLY = 0.6  # a call to action that says what to do but not with what
+
 def utility_parts(copy,  # an `OfferCopy`/`CopyText` or a dict with headline, body, cta
                   context: dict) -> dict[str, float]:  # `prompt_context` of its customer and offer
     "The reader's taste, part by part: product named, on the offer, true to the customer, a concrete call to action, readable."
     get = copy.get if isinstance(copy, dict) else lambda k: getattr(copy, k)
     body, cta, text = str(get("body")), str(get("cta")), copy_text(copy)
     terms, words = offer_terms(context), set(content_words(text))
-    product = len(terms["product"] & words) / max(1, len(terms["product"])) * (0.8 + 0.2 * bool(terms["brand"] & words))
+    product = len(terms["product"] & words) / max(1, len(terms["product"])) * (1 - BRAND_SHARE + BRAND_SHARE * bool(terms["brand"] & words))
     topical = [bool(set(content_words(s)) & terms["shown"]) or habit_cues(s, context)[0] > 0 for s in sentences(body)]
     said = set(content_words(cta))
     true, false = habit_cues(text, context)
     return dict(product=product, on_offer=float(np.mean(topical)) if topical else 0.0, personal=float(np.clip(true - false, -1, 1)),
-                call_to_action=1.0 if said & (terms["product"] | terms["brand"]) else 0.6 if said & ACTION_VERBS else 0.0,
+                call_to_action=1.0 if said & (terms["product"] | terms["brand"]) else ACTION_ONLY if said & ACTION_VERBS else 0.0,
                 readable=readability(body, text, context["discount"]))
 
 # %% ../nbs/04b_readers.ipynb #983114af
