@@ -723,7 +723,7 @@ def _eval_cli(version: str | None, n: int | None, backend: str | None, seed: int
                + (f"; left out: {', '.join(r.without)}" if r.without else "")
                + f"\n{r.prompt_version}: score {r.score:.3f}, 95% interval [{r.interval[0]:.3f}, {r.interval[1]:.3f}] vs threshold {r.threshold} -> "
                f"{'PASS' if r.passed else 'FAIL'}\nlargest shortfalls: {', '.join(sank)}\n"
-               f"{r.n} contexts x {r.copies_per_case} copies in {r.seconds:.0f} s; reward model of {r.reward_model}\nsaved {path}")
+               f"{r.n} contexts x {r.copies_per_case} cop{'y' if r.copies_per_case == 1 else 'ies'} in {r.seconds:.0f} s; reward model of {r.reward_model}\nsaved {path}")
     return r
 
 _PROMPT_OPT = typer.Option(None, "--prompt", help="prompt version (default: the active one)")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from loyaltylens import feedback as fb
 from loyaltylens.core import app
-from loyaltylens.generation import OfferCopy, prompt_context
+from loyaltylens.generation import OfferCopy, PromptRegistry, prompt_context
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -276,7 +276,8 @@ def github(monkeypatch):
 
 
 def test_trigger_dispatches_once_per_window(store, github, monkeypatch):
-    pairs = make_pairs(3, versions=("v2", "v1"))  # the active version (v2) on side A
+    active = PromptRegistry().active_version()
+    pairs = make_pairs(3, versions=(active, "v1"))  # the active version on side A
     fb.store_pairs(store, pairs)
     for i in range(12): fb.record_feedback(store, fb.FeedbackIn(**judgement(pairs[i % 3], reviewer=f"r{i}", choice="B", rating_a=2, rating_b=4)))
     runner = CliRunner()
@@ -293,7 +294,7 @@ def test_trigger_dispatches_once_per_window(store, github, monkeypatch):
     req = github[0]
     assert req["path"] == "/repos/acme/loyaltylens/actions/workflows/retrain.yml/dispatches" and req["auth"] == "Bearer ghp_test_token"
     inputs = req["body"]["inputs"]
-    assert req["body"]["ref"] == "main" and inputs["prompt_version"] == "v2" and inputs["n_records"] == "12"
+    assert req["body"]["ref"] == "main" and inputs["prompt_version"] == active and inputs["n_records"] == "12"
     assert float(inputs["mean_rating"]) == 2.0 and float(inputs["loss_rate"]) == 1.0 and "mean rating" in inputs["reason"]
     wf = yaml.safe_load((ROOT / ".github/workflows/retrain.yml").read_text())
     declared = wf[True]["workflow_dispatch"]["inputs"] if True in wf else wf["on"]["workflow_dispatch"]["inputs"]
