@@ -158,10 +158,10 @@ def corpus_contexts(n: int,  # contexts
 
 # %% ../nbs/04b_readers.ipynb #2ce6af85
 def corpus_key(n: int, smoke: bool, seed: int) -> str:  # contexts, the small world, the draw
-    "The corpus file's name: its size and draw, and a digest of what its copy depends on (the prompt files and the generator's source)."
+    "The corpus file's name: its size and draw, and a digest of what its copy depends on: the generator's source and every prompt file (they set the copy model's vocabulary too)."
     import loyaltylens.generation as gen
     h = hashlib.sha1(usedforsecurity=False)  # a cache key, not a security check
-    for p in [*(prompts_dir() / f"{v}.yaml" for v in CORPUS_VERSIONS), Path(gen.__file__)]: h.update(p.read_bytes())
+    for p in [*sorted(prompts_dir().glob("*.yaml")), Path(gen.__file__)]: h.update(p.read_bytes())
     return f"corpus-{'smoke' if smoke else 'full'}-n{n}-s{seed}-{h.hexdigest()[:10]}"
 
 def write_corpus(contexts: list[dict], seed: int = 0, progress: bool = True) -> pd.DataFrame:  # from `corpus_contexts`
