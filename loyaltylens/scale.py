@@ -317,7 +317,6 @@ def duckdb_profile(events,  # a World, Parquet file/folder/glob, or DataFrame
     t = _as_of(as_of if as_of is not None else events.end)
     con, rows = _duck(), []
     try:
-        con.execute("SET enable_progress_bar = false")  # a long profile would draw one over the output
         _events_source(con, events)
         has_category = "category" in {r[0] for r in con.execute("DESCRIBE ev_src").fetchall()}
         steps = {"event checks": (_EVENT_CHECK_SQL.format(category=", category" if has_category else ""), {}), "features": (_FEATURE_SQL, _feature_params(t))}
