@@ -506,7 +506,7 @@ def _write_world(cfg: dict, root: Path, progress: bool = False) -> dict:  # conf
         ids = pa.array([f"C{i:08d}" for i in range(lo, lo + n)])
         traits = _customer_traits(rng, n, cal, cfg["months"])
         ev, camp = _chunk_events(rng, traits, cal, cfg, offers)
-        pq.write_table(_events_table(ev, ids, offer_ids), root / "events" / f"part-{k:05d}.parquet", row_group_size=1 << 20, compression="lz4")
+        pq.write_table(_events_table(ev, ids, offer_ids), root / "events" / f"part-{k:05d}.parquet", row_group_size=1 << 20, compression="snappy")
         _truth_frame(traits, ids.to_numpy(zero_copy_only=False), cal).to_parquet(root / "truth" / f"part-{k:05d}.parquet", index=False)
         for sub, df in zip(("assignments", "effects"), _campaign_frames(camp, traits, ids.to_numpy(zero_copy_only=False), cal)):
             df.to_parquet(root / sub / f"part-{k:05d}.parquet", index=False)
