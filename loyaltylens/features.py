@@ -36,10 +36,10 @@ __all__ = ['CHANNELS', 'EVENT_TYPES', 'EVENT_COLUMNS', 'FEATURE_COLUMNS', 'OFFER
            'RECENCY_CAP_DAYS', 'FREQUENCY_CAP', 'MONETARY_CAP', 'router', 'data_app', 'features_app',
            'SNAPSHOT_ENGINES', 'make_offers', 'world_config', 'config_hash', 'peak_rss_mb', 'World', 'generate_world',
            'default_world', 'archetype', 'observed_outcomes', 'DataValidationError', 'validate_events',
-           'compute_features', 'feature_schema', 'validate_features', 'schema_hash', 'FeatureStore', 'build_snapshot',
-           'monthly_moments', 'build_monthly', 'default_store', 'served_store', 'feature_versions', 'feature_stats',
-           'customer_features', 'default_store_path', 'cli_generate', 'cli_build', 'cli_versions', 'cli_get',
-           'cli_stats', 'cli_diff', 'serve_subprocess', 'bench_features', 'cli_bench_features']
+           'compute_features', 'feature_schema', 'validate_features', 'schema_hash', 'FeatureStore', 'entity_frame',
+           'build_snapshot', 'monthly_moments', 'build_monthly', 'default_store', 'served_store', 'feature_versions',
+           'feature_stats', 'customer_features', 'default_store_path', 'cli_generate', 'cli_build', 'cli_versions',
+           'cli_get', 'cli_stats', 'cli_diff', 'serve_subprocess', 'bench_features', 'cli_bench_features']
 
 # %% ../nbs/01_features.ipynb #bf62754d
 CHANNELS = ("mobile", "web", "in_store")
@@ -1039,6 +1039,17 @@ def diff(self: FeatureStore, a: str, b: str) -> dict:  # two versions: from a to
     return dict(a=va, b=vb, customers_a=len(ia), customers_b=len(ib), added=len(ib - ia), removed=len(ia - ib),
                 features=pd.DataFrame(rows).set_index("feature"))
 
+# %% ../nbs/01_features.ipynb #51accd4d
+def entity_frame(entity_df: pd.DataFrame) -> pd.DataFrame:  # rows of (customer_id, timestamp)
+    "A copy of `entity_df` with string customer ids and UTC timestamps (naive ones read as UTC); ValueError naming a missing column."
+    missing = {"customer_id", "timestamp"} - set(entity_df.columns)
+    if missing: raise ValueError(f"entity_df: missing column(s) {sorted(missing)}")
+    ent = entity_df.copy()
+    ts = pd.to_datetime(ent.timestamp)
+    ent["timestamp"] = ts.dt.tz_localize("UTC") if ts.dt.tz is None else ts.dt.tz_convert("UTC")
+    ent["customer_id"] = ent.customer_id.astype(str)
+    return ent
+
 # %% ../nbs/01_features.ipynb #ef616aad
 @patch
 def training_set(self: FeatureStore, entity_df: pd.DataFrame,  # rows of (customer_id, timestamp): "what did we know then?"
@@ -1046,12 +1057,7 @@ def training_set(self: FeatureStore, entity_df: pd.DataFrame,  # rows of (custom
                   horizon_days: int = 30) -> pd.DataFrame:  # label window [t, t + horizon)
     """`entity_df` + the features of the latest snapshot with `as_of <= timestamp` (ASOF JOIN) + `as_of` + `label`
     (1 if the customer redeems in [timestamp, timestamp + horizon)). Rows with no earlier snapshot get NaN features."""
-    missing = {"customer_id", "timestamp"} - set(entity_df.columns)
-    if missing: raise ValueError(f"entity_df: missing column(s) {sorted(missing)}")
-    ent = entity_df.copy()
-    ts = pd.to_datetime(ent.timestamp)
-    ent["timestamp"] = ts.dt.tz_localize("UTC") if ts.dt.tz is None else ts.dt.tz_convert("UTC")
-    ent["customer_id"] = ent.customer_id.astype(str)
+    ent = entity_frame(entity_df)
     meta = self.versions()
     if versions is not None: meta = meta[meta.version.isin([self._resolve(v) for v in versions])]
     meta = meta.sort_values("created_at").drop_duplicates("as_of", keep="last")

@@ -15,7 +15,7 @@ import typer
 from fastcore.basics import patch
 
 from .core import MORE_CHECKS, BadInput, Check, bench_app, workspace
-from .features import (FEATURE_COLUMNS, SNAPSHOT_ENGINES, DataValidationError, FeatureStore, World, _EVENT_CHECK_SQL,
+from .features import (FEATURE_COLUMNS, SNAPSHOT_ENGINES, DataValidationError, FeatureStore, World, entity_frame, _EVENT_CHECK_SQL,
                                   _FEATURE_SQL, _URI, _as_of, _duck, _events_ref, _feature_params, _suspect_columns, compute_features,
                                   generate_world)
 
@@ -60,7 +60,7 @@ def java_version() -> tuple[int, str]:
     return major, line
 
 # %% ../nbs/01b_features_at_scale.ipynb #bddbeee6
-MASTER_FIX = "use local[2] (this machine), spark://HOST:7077 (a standalone cluster), yarn, or k8s://https://HOST:PORT"
+MASTER_FIX = "use local[2] (two cores of the computer running it), spark://HOST:7077 (a standalone cluster), yarn, or k8s://https://HOST:PORT"
 _MASTER = re.compile(r"^(local(\[(\*|[1-9]\d*)(,[1-9]\d*)?\])?|spark://\S+|yarn|k8s://\S+)$")
 MASTER_CONNECT_TIMEOUT_S = 5  # how long a standalone master may take to accept a connection
 
@@ -274,12 +274,7 @@ def spark_labels(spark, events, requests,  # a SparkSession; events (Spark DataF
 def spark_training_set(spark, snapshots, entity_df: pd.DataFrame,  # snapshot rows as for `spark_asof`; rows of (customer_id, timestamp)
                        events, horizon_days: int = 30) -> pd.DataFrame:  # the events the labels come from; label window
     "`FeatureStore.training_set` on Spark: entity_df + the ASOF features + `as_of` + `label`, in entity_df's order."
-    missing = {"customer_id", "timestamp"} - set(entity_df.columns)
-    if missing: raise ValueError(f"entity_df: missing column(s) {sorted(missing)}")
-    ent = entity_df.copy()
-    ts = pd.to_datetime(ent.timestamp)
-    ent["timestamp"] = ts.dt.tz_localize("UTC") if ts.dt.tz is None else ts.dt.tz_convert("UTC")
-    ent["customer_id"] = ent.customer_id.astype(str)
+    ent = entity_frame(entity_df)
     req = spark.createDataFrame(ent[["customer_id", "timestamp"]].reset_index(drop=True).reset_index(names="_row"),
                                 "_row long, customer_id string, timestamp timestamp")
     ev = events if hasattr(events, "createOrReplaceTempView") else read_events(spark, events)
@@ -399,7 +394,7 @@ def bench_scale(sizes=BENCH_SIZES,  # world sizes in customers
     df.attrs.update(master=spark.sparkContext.master, spark_session_s=spark_start, cores=_master_cores(spark.sparkContext.master))
     return df
 
-def _master_cores(master: str) -> int:  # "local[2]" -> 2; local[*] and clusters -> this machine's cores
+def _master_cores(master: str) -> int:  # "local[2]" -> 2; local[*] and clusters -> the local computer's cores
     m = re.match(r"local\[(\d+)", master)
     return int(m[1]) if m else 1 if master == "local" else os.cpu_count()
 
@@ -443,7 +438,7 @@ def capacity_estimate(bench: pd.DataFrame,  # rows of `bench_scale`
     spark_per_core = top.loc["spark", "events_per_s"] / bench.attrs.get("cores", 2)
     cores = int(np.ceil(events / (spark_per_core * deadline_s)))
     return {"members": members, "events per snapshot": events, "Arrow GB in memory": events * table.nbytes / table.num_rows / 1e9,
-            "Parquet GB on disk": events * part.stat().st_size / table.num_rows / 1e9, "this machine's memory GB": psutil.virtual_memory().total / 1e9,
+            "Parquet GB on disk": events * part.stat().st_size / table.num_rows / 1e9, "local memory GB": psutil.virtual_memory().total / 1e9,
             "DuckDB hours (measured rate)": events / top.loc["duckdb", "events_per_s"] / 3600,
             "Spark events/s per core": spark_per_core, f"cores for {deadline_s / 3600:g} h": cores,
             f"executors of {executor_cores} cores": int(np.ceil(cores / executor_cores))}
