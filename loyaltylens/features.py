@@ -1039,7 +1039,7 @@ def diff(self: FeatureStore, a: str, b: str) -> dict:  # two versions: from a to
     return dict(a=va, b=vb, customers_a=len(ia), customers_b=len(ib), added=len(ib - ia), removed=len(ia - ib),
                 features=pd.DataFrame(rows).set_index("feature"))
 
-# %% ../nbs/01_features.ipynb #51accd4d
+# %% ../nbs/01_features.ipynb #285fe2ed
 def entity_frame(entity_df: pd.DataFrame) -> pd.DataFrame:  # rows of (customer_id, timestamp)
     "A copy of `entity_df` with string customer ids and UTC timestamps (naive ones read as UTC); ValueError naming a missing column."
     missing = {"customer_id", "timestamp"} - set(entity_df.columns)
