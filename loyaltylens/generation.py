@@ -42,15 +42,15 @@ __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDER
            'PromptRegistry', 'write_atomic', 'copy_grammar', 'mentions_offer', 'check_copy', 'RawCompletion',
            'shared_prefix', 'few_shot_prompt', 'DecodeRules', 'decode_rules', 'growing', 'new_problems', 'piece_ok',
            'offer_and_customer', 'english_words', 'copy_texts', 'vocabulary', 'copy_vocabulary', 'trim_vocabulary',
-           'copy_gguf_path', 'decode_step_ms', 'CopyDecoder', 'load_decoder', 'last_word_tokens', 'customer_segment',
-           'allowed_tones', 'whole_sentences', 'without_dangling', 'skeleton_attempt', 'gbnf_attempt', 'local_attempt',
-           'gbnf_accepts', 'copy_pattern', 'GenerationError', 'chat_messages', 'openai_client', 'openai_attempt',
-           'write_copy', 'fact_labels_path', 'load_fact_labels', 'span_ranges', 'fact_check_row', 'fact_check_scores',
-           'offer_catalog', 'customer_context', 'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide',
-           'load_brand_guide', 'BrandScore', 'copy_text', 'brand_violations', 'brand_scores', 'clip_weights_available',
-           'ClipScorer', 'random_clip_scorer', 'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts',
-           'copy_writer', 'generate_endpoint', 'generate_cmd', 'plain_tokens_per_s', 'schema_valid', 'bench_route',
-           'bench_copy', 'bench_copy_cmd']
+           'copy_gguf_path', 'decode_step_ms', 'CopyDecoder', 'load_decoder', 'last_word_tokens', 'sampled_value',
+           'customer_segment', 'allowed_tones', 'whole_sentences', 'without_dangling', 'skeleton_attempt',
+           'gbnf_attempt', 'local_attempt', 'gbnf_accepts', 'copy_pattern', 'GenerationError', 'chat_messages',
+           'openai_client', 'openai_attempt', 'write_copy', 'fact_labels_path', 'load_fact_labels', 'span_ranges',
+           'fact_check_row', 'fact_check_scores', 'offer_catalog', 'customer_context', 'get_offer', 'generate_copy',
+           'brand_dir', 'BrandGuide', 'load_brand_guide', 'BrandScore', 'copy_text', 'brand_violations', 'brand_scores',
+           'clip_weights_available', 'ClipScorer', 'random_clip_scorer', 'clip_brand_scores', 'CopyRequest',
+           'missing_copy_artefacts', 'copy_writer', 'generate_endpoint', 'generate_cmd', 'plain_tokens_per_s',
+           'schema_valid', 'bench_route', 'bench_copy', 'bench_copy_cmd']
 
 # %% ../nbs/04_generation.ipynb #8ec69637
 WORD_LIMITS = {"headline": 8, "body": 40, "cta": 5}  # hard limits of the contract; a prompt version may be stricter
@@ -826,6 +826,12 @@ def last_word_tokens(pieces: list[str]) -> int:  # the pieces sampled so far in 
     starts = [i for i, p in enumerate(pieces) if p[:1].isspace()]
     return len(pieces) - (starts[-1] if starts else 0)
 
+# %% ../nbs/04_generation.ipynb #dd60cda2
+def sampled_value(piece: str | None) -> str | None:  # the text of a sampled token (`CopyDecoder.piece`)
+    "What `piece` adds to a JSON string value: its text up to a closing quote; None when it cannot go there (end of generation, or a lone byte that shows no text)."
+    if not piece: return None
+    return piece.split('"')[0]
+
 # %% ../nbs/04_generation.ipynb #5efd64ae
 @patch
 def sample_field(self: CopyDecoder,
@@ -843,7 +849,7 @@ def sample_field(self: CopyDecoder,
         for _ in range(MAX_REJECTIONS):  # sample first, check that one token, refuse it and resample only when it breaks a rule
             token = sampler.sample(self.llm._ctx, -1)
             piece = self.piece(token)
-            value = piece.split('"')[0] if piece is not None else None
+            value = sampled_value(piece)
             stops = piece is not None and (n_words(text + piece) > max_words or (  # the next word would break the limit, or
                 sentence_words and text[-1:] in ".!?" and piece[:1].isspace() and n_words(text) >= sentence_words))  # a long first sentence is done
             closes = value is not None and '"' in piece  # the model closes the string
