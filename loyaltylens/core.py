@@ -521,7 +521,8 @@ def _probe(name: str, fn: Callable[[], str], required: bool = False) -> Check:
 def _version_of(cmd: list[str]) -> str:
     exe = shutil.which(cmd[0])
     if not exe: raise FileNotFoundError(f"{cmd[0]} not on PATH")
-    return subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=30)  # noqa: S603 -- an argv list, no shell.stdout.strip().splitlines()[0]
+    done = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=30)  # noqa: S603 -- an argv list, no shell
+    return (done.stdout or done.stderr).strip().splitlines()[0]
 
 # %% ../nbs/00_core.ipynb #737635b4
 def _check_duckdb() -> str:
