@@ -180,7 +180,8 @@ def measure_copy(scale: Scale) -> dict:
 def measure_gate(scale: Scale) -> dict:
     "The gate's verdicts on the golden set: the active prompt, v3-pushy, v3-subtle, and v3-subtle with the reward model left out."
     from loyaltylens.llmops import RULE_CRITERIA, evaluate
-    kw = dict(n=scale.gate_cases, copies_per_case=scale.gate_copies)
+    from loyaltylens.readers import default_reward_model
+    kw = dict(n=scale.gate_cases, copies_per_case=scale.gate_copies, reward_model=default_reward_model(scale.smoke_world))  # the reward model of this scale, whatever the settings say
     runs = dict(active=evaluate(None, **kw), pushy=evaluate("v3-pushy", **kw), subtle=evaluate("v3-subtle", **kw),
                 subtle_without_rm=evaluate("v3-subtle", without=("reward_model",), **kw))
     subtle = runs["subtle"]
