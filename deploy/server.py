@@ -3,8 +3,8 @@
 SageMaker (bring-your-own container): `GET /ping` answers 200 when the model is loaded, `POST /invocations` scores,
 on port 8080. Vertex AI: the port is `AIP_HTTP_PORT`, the health and predict paths are `AIP_HEALTH_ROUTE` and
 `AIP_PREDICT_ROUTE`, requests are `{"instances": [...]}` and answers `{"predictions": [...]}`. Both routes run the
-same handlers as the SageMaker PyTorch container (`code/inference.py` of the model folder), so what is tested here is
-what either cloud runs. Standard library + torch only.
+handlers of the model folder (`code/inference.py`), so what is tested here is what either cloud runs. Standard
+library + what the handlers need (`code/requirements.txt`: ONNX Runtime and numpy).
 
     MODEL_DIR=/opt/ml/model python server.py
 """
@@ -19,7 +19,7 @@ MAX_BODY = 8 * 1024 * 1024  # bytes; larger requests get 413
 
 
 def load_handlers(model_dir):
-    "Import `code/inference.py` of `model_dir` the way the SageMaker PyTorch container does, and load the model."
+    "Import `code/inference.py` of `model_dir` and load the model with its `model_fn`."
     spec = importlib.util.spec_from_file_location("inference", os.path.join(model_dir, "code", "inference.py"))
     handlers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(handlers)

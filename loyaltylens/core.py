@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     github_api_url: str = Field("https://api.github.com", alias="GITHUB_API_URL")  # GitHub's API (a local stand-in in tests)
     aws_region: str | None = Field(None, alias="AWS_REGION")  # SageMaker region; unset = deployment commands refuse
     sagemaker_role: str | None = Field(None, alias="LOYALTYLENS_SAGEMAKER_ROLE")  # IAM role ARN the SageMaker model runs as
+    sagemaker_image: str | None = Field(None, alias="LOYALTYLENS_SAGEMAKER_IMAGE")  # URI of the serving image pushed to ECR (deploy/Dockerfile)
     s3_bucket: str | None = Field(None, alias="LOYALTYLENS_S3_BUCKET")  # bucket for the model.tar.gz
     gcp_project: str | None = Field(None, alias="GOOGLE_CLOUD_PROJECT")  # Vertex AI project
     vertex_location: str = Field("us-central1", alias="LOYALTYLENS_VERTEX_LOCATION")  # Vertex AI region

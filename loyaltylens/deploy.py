@@ -1,4 +1,4 @@
-"""Article 7 — cloud deployment. One `model.tar.gz` in the SageMaker PyTorch layout, one small serving container that speaks both SageMaker's and Vertex AI's contracts, and `loyaltylens deploy` commands whose boto3 path runs end to end against moto.
+"""Article 7 — cloud deployment. The whole propensity model as one ONNX graph in a `model.tar.gz`, one slim serving container with a pinned ONNX Runtime that speaks both SageMaker's and Vertex AI's contracts, and `loyaltylens deploy` commands whose boto3 path runs end to end against moto.
 
 Docs: https://loyaltylens.github.io/loyaltylens/deploy.html.md"""
 
@@ -17,13 +17,23 @@ from .core import path_argument, path_option, BadInput, app, get_settings, works
 from . import propensity as prop
 
 # %% auto #0
-__all__ = ['VERTEX_HEALTH_ROUTE', 'VERTEX_PREDICT_ROUTE', 'SERVING_PORT', 'ENDPOINT', 'PYTORCH_IMAGE', 'deploy_app',
-           'sagemaker_app', 'vertex_app', 'serving_model', 'raw_inputs', 'trace_serving_model', 'deploy_dir',
-           'package_sagemaker', 'unpack', 'load_handlers', 'invoke_handlers', 'container_context',
-           'start_container_server', 'CloudConfigError', 'sagemaker_config', 'pytorch_image_uri', 'sagemaker_deploy',
-           'sagemaker_invoke', 'sagemaker_teardown', 'vertex_init', 'vertex_deploy', 'vertex_predict',
-           'vertex_undeploy', 'package_cmd', 'container_cmd', 'sm_deploy_cmd', 'sm_invoke_cmd', 'sm_teardown_cmd',
-           'vx_deploy_cmd', 'vx_predict_cmd', 'vx_undeploy_cmd']
+__all__ = ['ONNX_INPUTS', 'ONNX_OUTPUT', 'VERTEX_HEALTH_ROUTE', 'VERTEX_PREDICT_ROUTE', 'SERVING_PORT', 'ENDPOINT', 'deploy_app',
+           'sagemaker_app', 'vertex_app', 'quiet_onnx_export', 'serving_model', 'raw_inputs', 'export_serving_onnx',
+           'deploy_dir', 'package_sagemaker', 'pinned_version', 'unpack', 'load_handlers', 'invoke_handlers',
+           'container_context', 'start_container_server', 'CloudConfigError', 'sagemaker_config', 'sagemaker_image',
+           'sagemaker_deploy', 'sagemaker_invoke', 'sagemaker_teardown', 'vertex_init', 'vertex_deploy',
+           'vertex_predict', 'vertex_undeploy', 'package_cmd', 'container_cmd', 'sm_deploy_cmd', 'sm_invoke_cmd',
+           'sm_teardown_cmd', 'vx_deploy_cmd', 'vx_predict_cmd', 'vx_undeploy_cmd']
+
+# %% ../nbs/07a_deploy.ipynb #9e4c7a21
+def quiet_onnx_export(module, inputs: tuple, *args, **kwargs):  # what torch.onnx.export takes (dynamo=True is set here)
+    "`torch.onnx.export(module, inputs, ..., dynamo=True)` without its printed progress, warnings and log lines; returns the ONNXProgram."
+    import contextlib, io, logging, torch, warnings
+    log = logging.getLogger("torch.onnx"); level = log.level
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore"); log.setLevel(logging.ERROR)
+        try: return torch.onnx.export(module, inputs, *args, dynamo=True, verbose=False, **kwargs)
+        finally: log.setLevel(level)
 
 # %% ../nbs/07a_deploy.ipynb #2bad4589
 def serving_model(model: prop.PropensityModel):  # a trained propensity model
@@ -47,25 +57,36 @@ def serving_model(model: prop.PropensityModel):  # a trained propensity model
             z = torch.where(self.log, torch.log1p(numeric), numeric)
             logit = self.net(cat, ((z - self.mean) / self.std).float()).double()
             if cal.method == "platt": return torch.sigmoid(self.a * logit + self.b)
-            i = torch.searchsorted(self.x, logit, right=True).clamp(1, len(self.x) - 1)  # np.interp, clipped at the ends
+            i = torch.bucketize(logit, self.x, right=True).clamp(1, len(self.x) - 1)  # np.interp, clipped at the ends
             x0, x1, y0, y1 = self.x[i - 1], self.x[i], self.y[i - 1], self.y[i]
             w = torch.where(x1 > x0, (logit - x0) / (x1 - x0), torch.zeros_like(logit)).clamp(0, 1)
             return y0 + w * (y1 - y0)
     return ServingModel().eval()
 
 # %% ../nbs/07a_deploy.ipynb #abf66506
-def raw_inputs(model: prop.PropensityModel, df: pd.DataFrame):
-    "(channel index, float64 numerics) tensors of validated feature rows: what the serving module takes."
-    import torch
+def raw_inputs(model: prop.PropensityModel,  # a trained propensity model (its channel vocabulary)
+               df: pd.DataFrame):  # feature rows
+    "(channel index int64 [n], numerics float64 [n, 5]) arrays of validated feature rows: what the serving graph takes."
     x = prop.check_model_input(df)
-    chan = x.channel_preference.map({c: i for i, c in enumerate(model.pre.channels)}).to_numpy()
-    return torch.from_numpy(chan.astype(np.int64)), torch.from_numpy(x[prop.NUMERIC_COLUMNS].to_numpy(np.float64))
+    chan = x.channel_preference.map({c: i for i, c in enumerate(model.pre.channels)}).to_numpy(np.int64)
+    return chan, x[prop.NUMERIC_COLUMNS].to_numpy(np.float64)
 
-def trace_serving_model(model: prop.PropensityModel):  # a trained propensity model
-    "The serving module traced to TorchScript (check_trace=False; agreement is checked against the model instead)."
+# %% ../nbs/07a_deploy.ipynb #f3d1e2a7
+ONNX_INPUTS, ONNX_OUTPUT = ("channel", "numeric"), "probability"  # the graph's names; code/inference.py feeds and reads them
+
+def export_serving_onnx(model: prop.PropensityModel,  # a trained propensity model
+                        path: Path,  # the .onnx file to write
+                        metadata: dict[str, str] | None = None) -> Path:  # strings stored in the graph (the input schema)
+    "The serving module exported to ONNX with a dynamic batch axis; `metadata` in the model's properties."
     import torch
-    example = (torch.zeros(8, dtype=torch.long), torch.ones(8, len(prop.NUMERIC_COLUMNS), dtype=torch.float64))
-    with torch.no_grad(): return torch.jit.trace(serving_model(model), example, check_trace=False)
+    batch = torch.export.Dim("batch", min=1)
+    example = (torch.zeros(prop.EXAMPLE_BATCH, dtype=torch.long), torch.ones(prop.EXAMPLE_BATCH, len(prop.NUMERIC_COLUMNS), dtype=torch.float64))
+    program = quiet_onnx_export(serving_model(model), example, input_names=list(ONNX_INPUTS), output_names=[ONNX_OUTPUT],
+                                dynamic_shapes=({0: batch}, {0: batch}))
+    program.model.metadata_props.update(metadata or {})
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    return path
 
 # %% ../nbs/07a_deploy.ipynb #54388d0b
 def deploy_dir() -> Path:
@@ -74,19 +95,26 @@ def deploy_dir() -> Path:
 
 def package_sagemaker(model: prop.PropensityModel,  # a trained propensity model
                       out: Path) -> Path:  # folder to write model.tar.gz into
-    "Write `out/model.tar.gz`: TorchScript `model.pt` (schema inside) + `code/inference.py` + `code/requirements.txt`."
-    import torch
+    "Write `out/model.tar.gz`: `model.onnx` (schema inside) + `code/inference.py` + `code/requirements.txt`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     schema = dict(channels=list(model.pre.channels), numeric_columns=prop.NUMERIC_COLUMNS, model_version=model.version)
     with tempfile.TemporaryDirectory() as tmp:
-        pt = Path(tmp) / "model.pt"
-        torch.jit.save(trace_serving_model(model), str(pt), _extra_files={"schema.json": json.dumps(schema)})
+        graph = export_serving_onnx(model, Path(tmp) / "model.onnx", {"schema": json.dumps(schema)})
         path = out / "model.tar.gz"
         with tarfile.open(path.with_suffix(".tmp"), "w:gz") as tar:
-            tar.add(pt, "model.pt")
+            tar.add(graph, "model.onnx")
             for f in ("inference.py", "requirements.txt"): tar.add(deploy_dir() / "code" / f, f"code/{f}")
         path.with_suffix(".tmp").replace(path)  # atomic: never a half-written tarball under the final name
     return path
+
+# %% ../nbs/07a_deploy.ipynb #5b0c9d3e
+def pinned_version(package: str = "onnxruntime") -> str:  # a package the serving container installs
+    "The exact version `code/requirements.txt` pins for `package` (ValueError when it is not pinned with ==)."
+    reqs = deploy_dir() / "code" / "requirements.txt"
+    for line in reqs.read_text().splitlines():
+        name, pinned, version = line.split("#")[0].partition("==")
+        if pinned and name.strip().lower() == package.lower(): return version.strip()
+    raise ValueError(f"{package} is not pinned with == in {reqs}")
 
 # %% ../nbs/07a_deploy.ipynb #2faa5114
 def unpack(tarball: Path, model_dir: Path) -> Path:
@@ -141,7 +169,6 @@ def start_container_server(model_dir: Path,  # an unpacked model.tar.gz
 
 # %% ../nbs/07a_deploy.ipynb #0abac78b
 ENDPOINT = "loyaltylens-propensity"  # model, endpoint config and endpoint name (and the Vertex display name)
-PYTORCH_IMAGE = dict(version="2.6.0", py_version="py312")  # newest PyTorch inference image the SageMaker SDK lists
 
 class CloudConfigError(ValueError):
     "A cloud setting is missing; the message names the environment variable."
@@ -154,10 +181,11 @@ def sagemaker_config() -> dict:
     if missing: raise CloudConfigError(f"set {', '.join(missing)} (SageMaker deployment reads them from the environment)")
     return dict(region=s.aws_region, role=s.sagemaker_role, bucket=s.s3_bucket)
 
-def pytorch_image_uri(region: str, instance_type: str) -> str:
-    "The AWS PyTorch inference image for `region` and `instance_type`, from the SageMaker SDK's bundled table (no network)."
-    from sagemaker.core import image_uris
-    return image_uris.retrieve("pytorch", region=region, instance_type=instance_type, image_scope="inference", **PYTORCH_IMAGE)
+def sagemaker_image(image_uri: str | None = None) -> str:  # an ECR image URI; None = LOYALTYLENS_SAGEMAKER_IMAGE
+    "The serving image SageMaker runs (CloudConfigError naming the variable when there is none)."
+    image_uri = image_uri or get_settings().sagemaker_image
+    if not image_uri: raise CloudConfigError("set LOYALTYLENS_SAGEMAKER_IMAGE to the serving image pushed to ECR (built from `loyaltylens deploy container`)")
+    return image_uri
 
 # %% ../nbs/07a_deploy.ipynb #85bb46e0
 def _clients(region: str):
@@ -167,15 +195,15 @@ def _clients(region: str):
 def sagemaker_deploy(tarball: Path,  # from `package_sagemaker`
                      name: str = ENDPOINT,  # model / endpoint config / endpoint name
                      instance_type: str = "ml.t2.medium",  # the published choice
-                     wait: bool = True) -> dict:  # block until InService
+                     wait: bool = True,  # block until InService
+                     image_uri: str | None = None) -> dict:  # the serving image in ECR; None = LOYALTYLENS_SAGEMAKER_IMAGE
     "Upload, create model + endpoint config + endpoint, wait; returns `describe_endpoint`."
-    cfg = sagemaker_config()
+    cfg, image = sagemaker_config(), sagemaker_image(image_uri)
     s3, sm = _clients(cfg["region"])
     key = f"loyaltylens/{name}/model.tar.gz"
     s3.upload_file(str(tarball), cfg["bucket"], key)
     sm.create_model(ModelName=name, ExecutionRoleArn=cfg["role"],
-                    PrimaryContainer={"Image": pytorch_image_uri(cfg["region"], instance_type), "ModelDataUrl": f"s3://{cfg['bucket']}/{key}",
-                                      "Environment": {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"}})
+                    PrimaryContainer={"Image": image, "ModelDataUrl": f"s3://{cfg['bucket']}/{key}"})  # unpacked into /opt/ml/model
     sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[dict(VariantName="AllTraffic", ModelName=name,
                                                                               InstanceType=instance_type, InitialInstanceCount=1)])
     sm.create_endpoint(EndpointName=name, EndpointConfigName=name)
@@ -245,7 +273,7 @@ def vertex_undeploy(name: str = ENDPOINT) -> list[str]:  # display name of endpo
 
 # %% ../nbs/07a_deploy.ipynb #b8f25870
 deploy_app = typer.Typer(no_args_is_help=True, help="Package the propensity model and deploy it to SageMaker or Vertex AI.")
-sagemaker_app = typer.Typer(no_args_is_help=True, help="SageMaker real-time endpoint (AWS_REGION, LOYALTYLENS_SAGEMAKER_ROLE, LOYALTYLENS_S3_BUCKET).")
+sagemaker_app = typer.Typer(no_args_is_help=True, help="SageMaker real-time endpoint (AWS_REGION, LOYALTYLENS_SAGEMAKER_ROLE, LOYALTYLENS_S3_BUCKET, LOYALTYLENS_SAGEMAKER_IMAGE).")
 vertex_app = typer.Typer(no_args_is_help=True, help="Vertex AI endpoint (GOOGLE_CLOUD_PROJECT, LOYALTYLENS_VERTEX_LOCATION, LOYALTYLENS_VERTEX_IMAGE).")
 app.add_typer(deploy_app, name="deploy"); deploy_app.add_typer(sagemaker_app, name="sagemaker"); deploy_app.add_typer(vertex_app, name="vertex")
 
@@ -269,7 +297,7 @@ def _rows_arg(payload: str) -> list[dict]:
 
 @deploy_app.command("package")
 def package_cmd(out: Path | None = path_option(None, "output folder", "folder for model.tar.gz (default workspace/deploy)"), smoke: bool | None = _smoke_opt()):
-    "Write the SageMaker PyTorch model.tar.gz of the default model."
+    "Write the SageMaker model.tar.gz (model.onnx + serving handlers) of the default model."
     typer.echo(package_sagemaker(_model(smoke), out or workspace("deploy")))
 
 @deploy_app.command("container")
@@ -286,12 +314,13 @@ def _cloud(fn, *args, **kw):
 
 @sagemaker_app.command("deploy")
 def sm_deploy_cmd(tarball: Path | None = path_option(None, "input", "model.tar.gz (default: package the default model)"), name: str = _name_opt(),
-                  instance_type: str = typer.Option("ml.t2.medium", help="instance type"), smoke: bool | None = _smoke_opt()):
-    "Upload model.tar.gz to S3, create model, endpoint config and endpoint, and wait until it is in service."
+                  instance_type: str = typer.Option("ml.t2.medium", help="instance type"),
+                  image: str | None = typer.Option(None, help="serving image URI in ECR (default LOYALTYLENS_SAGEMAKER_IMAGE)"), smoke: bool | None = _smoke_opt()):
+    "Upload model.tar.gz to S3, create model (the serving image), endpoint config and endpoint, and wait until it is in service."
     if tarball is not None and not tarball.is_file(): raise BadInput(f"--tarball: no such file {tarball}")
-    _cloud(sagemaker_config)
+    _cloud(sagemaker_config); _cloud(sagemaker_image, image)  # refuse before packaging
     with tempfile.TemporaryDirectory() as tmp:
-        d = _cloud(sagemaker_deploy, tarball or package_sagemaker(_model(smoke), Path(tmp)), name, instance_type)
+        d = _cloud(sagemaker_deploy, tarball or package_sagemaker(_model(smoke), Path(tmp)), name, instance_type, image_uri=image)
     typer.echo(f"{d['EndpointName']}: {d['EndpointStatus']}")
 
 @sagemaker_app.command("invoke")

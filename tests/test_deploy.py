@@ -1,13 +1,15 @@
 """Tests of loyaltylens.deploy: the SageMaker model.tar.gz unpacked and driven through its handlers exactly as the
 serving container does; the serving container's server as a real process over HTTP (SageMaker and Vertex AI contracts);
 `loyaltylens deploy sagemaker deploy|invoke|teardown` end to end against moto; Vertex AI contract tests at the client
-boundary (no local Vertex emulator exists). Scores must equal the in-process model within 1e-6."""
-import ast, json, re, socket, tarfile
+boundary (no local Vertex emulator exists). Scores must equal the in-process model within 1e-5, under exactly the
+ONNX Runtime version the serving container pins."""
+import ast, json, os, re, socket, tarfile
 from pathlib import Path
 
 import boto3
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 import requests
 from moto import mock_aws
@@ -15,13 +17,13 @@ from typer.testing import CliRunner
 
 from loyaltylens import features as fs, propensity as prop
 from loyaltylens.core import app as cli
-from loyaltylens.deploy import (ENDPOINT, VERTEX_HEALTH_ROUTE, VERTEX_PREDICT_ROUTE, container_context, deploy_dir,
-                                invoke_handlers, load_handlers, package_sagemaker, start_container_server, unpack,
-                                vertex_deploy, vertex_predict, vertex_undeploy)
+from loyaltylens.deploy import (ENDPOINT, ONNX_INPUTS, ONNX_OUTPUT, VERTEX_HEALTH_ROUTE, VERTEX_PREDICT_ROUTE, container_context,
+                                deploy_dir, invoke_handlers, load_handlers, package_sagemaker, pinned_version, raw_inputs,
+                                start_container_server, unpack, vertex_deploy, vertex_predict, vertex_undeploy)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = True
-TOL = 1e-6  # max |score - in-process score|
+TOL = prop.AGREEMENT_TOLERANCE  # max |score - in-process score|
 REGION, BUCKET = "eu-west-1", "loyaltylens-test-models"
 
 
@@ -31,9 +33,13 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def rows(model):
-    df = fs.default_store(SMOKE).get_many([f"C{i:08d}" for i in range(800)])
-    return df[fs.FEATURE_COLUMNS].to_dict("records"), model.predict(df)
+def frame(model):
+    return fs.default_store(SMOKE).get_many([f"C{i:08d}" for i in range(800)])
+
+
+@pytest.fixture(scope="module")
+def rows(model, frame):
+    return frame[fs.FEATURE_COLUMNS].to_dict("records"), model.predict(frame)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,32 @@ def model_dir(tarball, tmp_path_factory):
     return unpack(tarball, tmp_path_factory.mktemp("opt-ml-model"))
 
 
-def test_tarball_has_the_sagemaker_pytorch_layout(tarball):
-    with tarfile.open(tarball) as t: assert sorted(t.getnames()) == ["code/inference.py", "code/requirements.txt", "model.pt"]
+def test_tarball_has_the_sagemaker_layout(tarball):
+    with tarfile.open(tarball) as t: assert sorted(t.getnames()) == ["code/inference.py", "code/requirements.txt", "model.onnx"]
+
+
+def test_onnx_artefact_under_the_pinned_onnxruntime(model, frame, model_dir):
+    """The container's pairing: model.onnx from the tarball, loaded by the ONNX Runtime version deploy/code/requirements.txt
+    pins (the dev environment installs that pin), scores like the in-process model for 1 row and for many (dynamic batch)."""
+    pin = pinned_version("onnxruntime")
+    assert ort.__version__ == pin, f"onnxruntime {ort.__version__} is installed, the container pins {pin}: run `make install`"
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(ONNX_INPUTS) and session.get_outputs()[0].name == ONNX_OUTPUT
+    assert session.get_inputs()[0].shape == ["batch"] and session.get_inputs()[1].shape == ["batch", len(prop.NUMERIC_COLUMNS)]
+    schema = json.loads(session.get_modelmeta().custom_metadata_map["schema"])
+    assert schema["channels"] == list(model.pre.channels) and schema["numeric_columns"] == prop.NUMERIC_COLUMNS
+    chan, num = raw_inputs(model, frame)
+    expected = model.predict(frame)
+    assert len(frame) > 100, len(frame)
+    for n in (1, 7, len(frame)):  # one row, an odd batch unlike the export's example, every row
+        got = session.run(None, dict(zip(ONNX_INPUTS, (chan[:n], num[:n]))))[0]
+        assert got.shape == (n,) and np.abs(got - expected[:n]).max() <= TOL, (n, np.abs(got - expected[:n]).max())
+
+
+def test_the_pin_is_exact():
+    "A range would let the container and the tests load the model with different runtimes."
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pinned_version("onnxruntime"))
+    with pytest.raises(ValueError, match="not pinned"): pinned_version("numpy")
 
 
 def test_handlers_score_like_the_model(model_dir, rows):
@@ -62,12 +92,14 @@ def test_handlers_score_like_the_model(model_dir, rows):
     with pytest.raises(ValueError, match="content type"): handlers.input_fn("{}", "text/csv")
 
 
-def test_handlers_need_only_torch():
-    "The container has torch, not loyaltylens: inference.py may import the standard library and torch only."
+def test_handlers_need_only_what_the_container_installs():
+    "The container has ONNX Runtime and numpy, not torch or loyaltylens: inference.py may import the standard library and those."
     tree = ast.parse((deploy_dir() / "code" / "inference.py").read_text())
     mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert mods <= {"json", "math", "os", "torch"}, mods
+    assert mods <= {"json", "math", "os", "numpy", "onnxruntime"}, mods
+    reqs = (deploy_dir() / "code" / "requirements.txt").read_text()
+    assert "onnxruntime==" in reqs and "numpy" in reqs and "torch" not in reqs
 
 
 def test_container_server_answers_both_contracts(model_dir, rows):
@@ -101,9 +133,11 @@ def test_container_context_and_dockerfile(tarball, tmp_path):
     "The build context is complete. The image itself is not built here (no container engine); server.py is tested as a process."
     ctx = container_context(tarball, tmp_path / "ctx")
     assert sorted(p.name for p in ctx.iterdir()) == ["Dockerfile", "model", "server.py"]
-    assert (ctx / "model" / "model.pt").is_file() and (ctx / "model" / "code" / "inference.py").is_file()
+    assert (ctx / "model" / "model.onnx").is_file() and (ctx / "model" / "code" / "inference.py").is_file()
     docker = (ctx / "Dockerfile").read_text()
     assert "EXPOSE 8080" in docker and 'ENTRYPOINT ["python", "/srv/server.py"]' in docker and "COPY model/ /opt/ml/model/" in docker
+    assert "pip install --no-cache-dir -r /tmp/requirements.txt" in docker and "COPY model/code/requirements.txt" in docker
+    assert "torch" not in docker.split("FROM", 1)[1].lower(), "the serving image installs the pinned runtime, not torch"
 
 
 def test_no_account_ids_in_the_deploy_code():
@@ -117,6 +151,8 @@ def aws(monkeypatch):
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": REGION,
                  "AWS_DEFAULT_REGION": REGION, "LOYALTYLENS_S3_BUCKET": BUCKET}.items(): monkeypatch.setenv(k, v)
     with mock_aws():
+        account = boto3.client("sts", region_name=REGION).get_caller_identity()["Account"]  # moto's: no account id in this file
+        monkeypatch.setenv("LOYALTYLENS_SAGEMAKER_IMAGE", f"{account}.dkr.ecr.{REGION}.amazonaws.com/loyaltylens-propensity:1")
         boto3.client("s3", region_name=REGION).create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
         role = boto3.client("iam", region_name=REGION).create_role(RoleName="loyaltylens-sagemaker", AssumeRolePolicyDocument="{}")
         monkeypatch.setenv("LOYALTYLENS_SAGEMAKER_ROLE", role["Role"]["Arn"])  # made by moto: no account id in this file
@@ -133,8 +169,7 @@ def test_sagemaker_deploy_invoke_teardown_with_moto(aws, tarball, model_dir, row
     assert r.exit_code == 0 and f"{ENDPOINT}: InService" in r.output, r.output
     m = aws.describe_model(ModelName=ENDPOINT)
     assert m["PrimaryContainer"]["ModelDataUrl"] == f"s3://{BUCKET}/loyaltylens/{ENDPOINT}/model.tar.gz"
-    assert "pytorch-inference" in m["PrimaryContainer"]["Image"] and REGION in m["PrimaryContainer"]["Image"]
-    assert m["PrimaryContainer"]["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    assert m["PrimaryContainer"]["Image"] == os.environ["LOYALTYLENS_SAGEMAKER_IMAGE"]  # our serving image, not a framework image
     obj = boto3.client("s3", region_name=REGION).get_object(Bucket=BUCKET, Key=f"loyaltylens/{ENDPOINT}/model.tar.gz")["Body"].read()
     assert obj == tarball.read_bytes()
     instances, expected = rows[0][:3], rows[1][:3]
@@ -154,9 +189,12 @@ def test_sagemaker_deploy_invoke_teardown_with_moto(aws, tarball, model_dir, row
 
 
 def test_sagemaker_refuses_without_settings(monkeypatch):
-    for k in ("AWS_REGION", "LOYALTYLENS_SAGEMAKER_ROLE", "LOYALTYLENS_S3_BUCKET"): monkeypatch.delenv(k, raising=False)
+    for k in ("AWS_REGION", "LOYALTYLENS_SAGEMAKER_ROLE", "LOYALTYLENS_S3_BUCKET", "LOYALTYLENS_SAGEMAKER_IMAGE"): monkeypatch.delenv(k, raising=False)
     r = CliRunner().invoke(cli, ["deploy", "sagemaker", "teardown"])
     assert r.exit_code == 2 and "AWS_REGION" in r.output and "LOYALTYLENS_S3_BUCKET" in r.output
+    for k, v in {"AWS_REGION": REGION, "LOYALTYLENS_SAGEMAKER_ROLE": "loyaltylens-sagemaker", "LOYALTYLENS_S3_BUCKET": BUCKET}.items(): monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(cli, ["deploy", "sagemaker", "deploy"])  # refused before anything is packaged or uploaded
+    assert r.exit_code == 2 and "LOYALTYLENS_SAGEMAKER_IMAGE" in r.output, r.output
 
 
 class FakeVertex:

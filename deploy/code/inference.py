@@ -1,25 +1,29 @@
-"""SageMaker PyTorch serving handlers for the LoyaltyLens propensity model.
+"""Serving handlers for the LoyaltyLens propensity model, run by deploy/server.py in the serving container.
 
-The SageMaker PyTorch inference container unpacks `model.tar.gz` into /opt/ml/model, imports this file
-(`code/inference.py`) and calls, per request: `model_fn(model_dir)` once, then `input_fn` -> `predict_fn` -> `output_fn`.
-`model.pt` is a TorchScript module that holds the whole model: bucketing and normalising the six features, the
-TabTransformer and the calibration map. So this file needs torch only (no loyaltylens, no pandas).
+The container unpacks `model.tar.gz` into /opt/ml/model, imports this file (`code/inference.py`) and calls
+`model_fn(model_dir)` once, then per request `input_fn` -> `predict_fn` -> `output_fn` (the handler names SageMaker's
+framework containers use). `model.onnx` holds the whole model: bucketing and normalising the six features, the
+TabTransformer and the calibration map, with its input schema in the graph's metadata. So this file needs ONNX Runtime
+and numpy only (no torch, no loyaltylens, no pandas), at the version `code/requirements.txt` pins.
 """
 import json
 import math
 import os
 
-import torch
+import numpy as np
+import onnxruntime as ort
 
 JSON = "application/json"
 MAX_ROWS = 10_000  # rows per request; larger batches belong to a batch transform job
+INTRA_OP_THREADS = 1  # a request is a few rows: microseconds of arithmetic; concurrency comes from concurrent requests
 
 
 def model_fn(model_dir):
-    "Load `model.pt` and the input schema saved inside it (`schema.json`: feature order, channel vocabulary)."
-    extra = {"schema.json": ""}
-    module = torch.jit.load(os.path.join(model_dir, "model.pt"), map_location="cpu", _extra_files=extra)
-    return {"module": module.eval(), "schema": json.loads(extra["schema.json"])}
+    "Open `model.onnx` in an ONNX Runtime session and read the input schema stored in it (feature order, channel vocabulary)."
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = INTRA_OP_THREADS
+    session = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return {"session": session, "schema": json.loads(session.get_modelmeta().custom_metadata_map["schema"])}
 
 
 def _rows(payload):
@@ -59,9 +63,8 @@ def predict_fn(input_data, model):
             raise ValueError(f"instances[{i}].channel_preference: expected one of {schema['channels']}, got {row.get('channel_preference')!r}")
         chan.append(channels[row["channel_preference"]])
         num.append([_number(row, i, c) for c in schema["numeric_columns"]])
-    with torch.inference_mode():
-        p = model["module"](torch.tensor(chan, dtype=torch.long), torch.tensor(num, dtype=torch.float64))
-    return p.tolist()
+    feeds = {"channel": np.asarray(chan, dtype=np.int64), "numeric": np.asarray(num, dtype=np.float64)}
+    return model["session"].run(None, feeds)[0].tolist()
 
 
 def output_fn(prediction, accept=JSON):
