@@ -929,17 +929,18 @@ def skeleton_attempt(decoder: CopyDecoder, prompt: PromptVersion, context: dict,
     rules = decode_rules(offer, customer)
     text = few_shot_prompt(prompt, context, f"prompts/{prompt.version}.yaml") + ' {"headline": "' + prefix
     evaluated = decoder.eval_prompt(text, shared=shared_prefix(prompt))  # from the shared prefix: the copy depends on this request only
-    t0, sampler, values, generated = time.perf_counter(), decoder.sampler(s["temperature"], seed + attempt), {}, 0
+    t0, sampler, values, generated, glued = time.perf_counter(), decoder.sampler(s["temperature"], seed + attempt), {}, 0, 0  # glued: the program's JSON, read like the prompt
     for key, after in [("headline", "body"), ("body", "cta"), ("cta", "tone")]:
         glue = f'", "{after}": "'  # the program's JSON between two values
         value, n, _ = decoder.sample_field(sampler, rules, limits[key], prefix if key == "headline" else "",
                                            BODY_SENTENCE_WORDS if key == "body" else None, key, glue)
-        values[key], generated, evaluated = value.strip(), generated + n, evaluated + len(decoder.tokens(glue))
+        glued += len(decoder.tokens(glue))
+        values[key], generated = value.strip(), generated + n
     values["tone"] = decoder.pick_tone(s["temperature"], np.random.default_rng(seed + attempt), allowed_tones(customer, offer))
     values["body"] = whole_sentences(values["body"])
     values["headline"], values["cta"] = without_dangling(values["headline"], prefix), without_dangling(values["cta"])
-    return RawCompletion(json.dumps(values, ensure_ascii=False), len(decoder.tokens(text, bos=True)), generated + 1, f"{decoder.path.stem} (llama-cpp, fast)",
-                         prompt_evaluated=evaluated, decode_s=time.perf_counter() - t0)
+    return RawCompletion(json.dumps(values, ensure_ascii=False), len(decoder.tokens(text, bos=True)) + glued, generated + 1, f"{decoder.path.stem} (llama-cpp, fast)",
+                         prompt_evaluated=evaluated + glued, decode_s=time.perf_counter() - t0)
 
 # %% ../nbs/04_generation.ipynb #7b870bf0
 def gbnf_attempt(decoder: CopyDecoder, prompt: PromptVersion, context: dict, attempt: int = 0, seed: int = 0) -> RawCompletion:
