@@ -1053,7 +1053,7 @@ GENAI_OPERATIONS = {"local": "text_completion", "openai": "chat"}  # a base-mode
 def genai_attributes(copy: OfferCopy,  # the call's result
                      decode_s: float | None = None) -> dict:  # seconds spent sampling, over every attempt (None: unknown)
     "The span attributes of one copy call: GenAI semantic conventions, plus the prompt version, attempts and decode time."
-    out = {"gen_ai.operation.name": GENAI_OPERATIONS[copy.backend], "gen_ai.provider.name": GENAI_PROVIDERS[copy.backend],
+    out = {"gen_ai.operation.name": GENAI_OPERATIONS.get(copy.backend, copy.backend), "gen_ai.provider.name": GENAI_PROVIDERS.get(copy.backend, copy.backend),
            "gen_ai.request.model": copy.model, "gen_ai.response.model": copy.model,
            "gen_ai.usage.input_tokens": copy.prompt_tokens, "gen_ai.usage.output_tokens": copy.completion_tokens,
            "gen_ai.usage.cache_read.input_tokens": copy.prompt_tokens - copy.prompt_tokens_evaluated,
@@ -1079,7 +1079,7 @@ def write_copy(customer: dict,  # feature row of the customer (FEATURE_COLUMNS, 
     prompt = (registry or PromptRegistry()).get(version)
     ctx = prompt_context(customer, propensity, offer)
     t0, p_tok, c_tok, evaluated, decode_s, errors = time.perf_counter(), 0, 0, 0, 0.0, []
-    with tracer().start_as_current_span(GENAI_OPERATIONS[backend], attributes={"loyaltylens.prompt.version": prompt.version}) as llm_span:
+    with tracer().start_as_current_span(GENAI_OPERATIONS.get(backend, backend), attributes={"loyaltylens.prompt.version": prompt.version}) as llm_span:
         for attempt in range(max_attempts):
             kw = dict(route=route) if backend == "local" else {}
             raw = ATTEMPTS[backend](prompt, ctx, attempt, seed, errors[-1] if errors else None, **kw)
@@ -1094,7 +1094,7 @@ def write_copy(customer: dict,  # feature row of the customer (FEATURE_COLUMNS, 
             out = OfferCopy(**copy.model_dump(), customer_id=ctx["customer_id"], offer_id=ctx["offer_id"], prompt_version=prompt.version,
                             backend=backend, model=raw.model, latency_ms=(time.perf_counter() - t0) * 1000, prompt_tokens=p_tok,
                             prompt_tokens_evaluated=evaluated, completion_tokens=c_tok, attempts=attempt + 1)
-            llm_span.update_name(f"{GENAI_OPERATIONS[backend]} {raw.model}")  # GenAI convention: "{operation} {model}"
+            llm_span.update_name(f"{GENAI_OPERATIONS.get(backend, backend)} {raw.model}")  # GenAI convention: "{operation} {model}"
             llm_span.set_attributes(genai_attributes(out, decode_s))
             return out
         llm_span.set_attribute("loyaltylens.copy.attempts", max_attempts)
