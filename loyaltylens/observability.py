@@ -21,16 +21,18 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import loyaltylens
-from .core import bearer_matches, get_settings, tracer, workspace
+from .core import bearer_matches, bench_app, get_settings, tracer, workspace
 from . import generation as gen
 
 # %% auto #0
 __all__ = ['LATENCY_BUCKETS', 'RATE_BUCKETS', 'TOKEN_TYPES', 'COPY_P95_GOAL_S', 'ERROR_RATE_MAX', 'ALERT_NAMES', 'UNMATCHED',
-           'METHODS', 'FEEDBACK_WRITE', 'FASTAPI_SPANS', 'router', 'METRICS_URL', 'ObservabilitySettings', 'AppMetrics',
-           'scrape', 'sample', 'SpanMetrics', 'SpanSinks', 'span_sinks', 'span_record', 'JsonlSpanExporter',
-           'traces_path', 'read_spans', 'span_exporters', 'histogram_quantile', 'waterfall', 'alerts_path',
-           'promtool_test', 'psi_alert_test', 'newest_drift', 'ServingCollector', 'ObservedRequests',
-           'watch_copy_queue', 'observe_app', 'get_metrics', 'live_metrics']
+           'METHODS', 'FEEDBACK_WRITE', 'FASTAPI_SPANS', 'router', 'METRICS_URL', 'PIPELINE_STAGES',
+           'OVERHEAD_MAX_ADDED_US', 'OVERHEAD_MAX_RATIO', 'OVERHEAD_ROUTES', 'OVERHEAD_WARM', 'ObservabilitySettings',
+           'AppMetrics', 'scrape', 'sample', 'SpanMetrics', 'SpanSinks', 'span_sinks', 'span_record',
+           'JsonlSpanExporter', 'traces_path', 'read_spans', 'span_exporters', 'histogram_quantile', 'waterfall',
+           'alerts_path', 'promtool_test', 'psi_alert_test', 'newest_drift', 'ServingCollector', 'ObservedRequests',
+           'watch_copy_queue', 'observe_app', 'get_metrics', 'live_metrics', 'request_rates', 'trace_panel',
+           'feedback_panel', 'bench_observability', 'bench_observability_report', 'bench_observability_cmd']
 
 # %% ../nbs/07b_observability.ipynb #8237dca1
 class ObservabilitySettings(BaseSettings):
@@ -369,16 +371,133 @@ async def get_metrics(request: Request) -> Response:
 # %% ../nbs/07b_observability.ipynb #fb32414f
 METRICS_URL = "http://127.0.0.1:8000/metrics"  # where `loyaltylens serve` answers by default
 
-def live_metrics(url: str | None = None) -> dict:  # a /metrics URL; default LOYALTYLENS_METRICS_URL, else METRICS_URL
+def live_metrics(url: str | None = None,  # a /metrics URL; default LOYALTYLENS_METRICS_URL, else METRICS_URL
+                 client=None) -> dict:  # an httpx.Client to ask (a TestClient in tests and lessons); default a plain GET
     "The dashboard's live panel: request counts per route, p50/p95 per stage, the copy queue; `absent` says why when the app does not answer."
     import httpx
     url, token = url or os.environ.get("LOYALTYLENS_METRICS_URL", METRICS_URL), get_settings().api_token
-    try: r = httpx.get(url, timeout=5, headers={"Authorization": f"Bearer {token}"} if token else {})
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try: r = (client or httpx).get(url, timeout=5, headers=headers)
     except httpx.TransportError as e: return dict(absent=f"no app answers at {url} ({type(e).__name__}): start it with `loyaltylens serve`")
     if r.status_code != 200: return dict(absent=f"{url} answered {r.status_code}: {r.text[:200]}")
     df, stage = scrape(r.text), "loyaltylens_pipeline_stage_duration_seconds"
     reqs = df[df.name == "loyaltylens_http_requests_total"]
     routes = pd.DataFrame([{**l, "requests": v} for l, v in zip(reqs.labels, reqs.value)], columns=["method", "route", "status", "requests"])
     stages = pd.DataFrame({f"p{int(q * 100)}_ms": {k: v * 1000 for k, v in histogram_quantile(df, stage, q, "stage").items()} for q in (0.5, 0.95)})
-    return dict(data=dict(url=url, routes=routes, stages=stages, copy_queue=sample(df, "loyaltylens_copy_queue_depth"),
+    return dict(data=dict(url=url, scraped_at=time.monotonic(), routes=routes, stages=stages, copy_queue=sample(df, "loyaltylens_copy_queue_depth"),
                           copy_wait_p95_ms=1000 * histogram_quantile(df, "loyaltylens_copy_queue_wait_seconds", 0.95).get("all", 0.0)))
+
+# %% ../nbs/07b_observability.ipynb #03833ee4
+def request_rates(earlier: dict,  # `live_metrics(...)["data"]` of the earlier scrape
+                  later: dict) -> pd.Series:  # the same, scraped later from the same app
+    "Requests per second per route template between two scrapes (a counter that went down means the app restarted: its count starts from 0)."
+    seconds = later["scraped_at"] - earlier["scraped_at"]
+    if seconds <= 0: raise ValueError(f"the scrapes are {seconds:.3f} s apart: the later one must come later")
+    total = lambda d: d["routes"].groupby("route").requests.sum()
+    now, before = total(later), total(earlier).reindex(total(later).index, fill_value=0.0)
+    grown = now.where(now >= before, now + before) - before  # after a restart the whole count is new
+    return (grown / seconds).rename("requests_per_s").sort_values(ascending=False)
+
+# %% ../nbs/07b_observability.ipynb #48e251cb
+PIPELINE_STAGES = ("features", "propensity", "retrieval", "generation", "scoring")  # the stage spans of a pipeline call, in order
+
+def trace_panel(last: int = 10,  # pipeline calls to list, newest first
+                path: Path | None = None) -> dict:  # the live trace file; default the workspace's
+    "The dashboard's trace panel: the newest pipeline calls (one row per trace: start, wall ms, ms per stage) and their spans, or why they are absent."
+    path = Path(path or traces_path())
+    if not any(path.parent.glob(f"{path.stem}*{path.suffix}")): return dict(absent=f"no trace file at {path}: start `loyaltylens serve` and call POST /pipeline/{{customer_id}}")
+    spans = read_spans(path)
+    calls = spans[spans.name == "pipeline"].sort_values("start_ns", ascending=False).head(last)
+    if calls.empty: return dict(absent=f"{path} holds no pipeline call yet: call POST /pipeline/{{customer_id}} on `loyaltylens serve`")
+    spans = spans[spans.trace_id.isin(calls.trace_id)]
+    stage_ms = spans[spans.name.isin(PIPELINE_STAGES)].pivot_table(index="trace_id", columns="name", values="duration_ms", aggfunc="sum")
+    table = calls.set_index("trace_id").assign(started=lambda d: pd.to_datetime(d.start_ns, unit="ns", utc=True), wall_ms=lambda d: d.duration_ms,
+                                               copy=lambda d: d.attributes.map(lambda a: bool(a.get("loyaltylens.copy"))))
+    table = table[["started", "wall_ms", "copy"]].join(stage_ms[[s for s in PIPELINE_STAGES if s in stage_ms]])
+    return dict(data=dict(path=str(path), calls=table, spans=spans))
+
+# %% ../nbs/07b_observability.ipynb #f1589640
+def feedback_panel(days: int = 7) -> dict:  # the window, ending now
+    "The dashboard's feedback panel: module 06's `window_stats` over the last `days` days, or why it is absent (no store, no tables, no judgements)."
+    from loyaltylens import feedback as fb
+    if not get_settings().pg_url and not (get_settings().workspace / "pg" / "PG_VERSION").exists():
+        return dict(absent="no feedback store in this workspace: `loyaltylens feedback pregenerate` creates it, then judge pairs in /ui or `loyaltylens feedback simulate`")
+    try:
+        with fb.connect() as conn:
+            if conn.execute("SELECT to_regclass('feedback_side')").fetchone()[0] is None:
+                return dict(absent=f"the store has no feedback tables (schema {fb.FeedbackSettings().schema_name}): run `loyaltylens feedback migrate`")
+            stats = fb.window_stats(conn, days)
+    except Exception as e: return dict(absent=f"feedback store unavailable: {type(e).__name__}: {e}"[:300])  # the dashboard shows why, it does not crash
+    if not stats["n"]: return dict(absent=f"no judgement in the last {days} days: judge pairs in /ui or run `loyaltylens feedback simulate`")
+    return dict(data=stats)
+
+# %% ../nbs/07b_observability.ipynb #011ff21f
+OVERHEAD_MAX_ADDED_US = 100.0  # feature lookup: instrumentation may add at most this to the p50, µs
+OVERHEAD_MAX_RATIO = 1.05  # non-LLM pipeline call: p50 with instrumentation / without, at most
+OVERHEAD_ROUTES = {"features": ("GET", "/features/{}", "/features/{customer_id}"),  # the non-LLM calls timed: method, path, route template
+                   "pipeline": ("POST", "/pipeline/{}?copy=false", "/pipeline/{customer_id}")}
+OVERHEAD_WARM = 20  # untimed requests per route and server first (caches, connections)
+
+def _paired(clients: dict, ids: list[str], n: int, first: int) -> pd.DataFrame:
+    "`n` requests per route to both servers in turn (`first` picks who starts; it alternates); the p50 round trip per server and route, µs."
+    us = {(mode, route): [] for mode in clients for route in OVERHEAD_ROUTES}
+    for i in range(n):
+        for route, (method, path, _) in OVERHEAD_ROUTES.items():
+            for mode in (list(clients) if (i + first) % 2 == 0 else list(clients)[::-1]):
+                t = time.perf_counter(); r = clients[mode].request(method, path.format(ids[i % len(ids)]))
+                us[(mode, route)].append((time.perf_counter() - t) * 1e6)
+                if r.status_code != 200: raise RuntimeError(f"{method} {r.url.path} answered {r.status_code} ({mode}): {r.text[:200]}")
+    return pd.Series({k: float(pd.Series(v).median()) for k, v in us.items()}).unstack(0)
+
+# %% ../nbs/07b_observability.ipynb #daae0ad2
+def bench_observability(n: int = 300,  # request pairs per route in each repeat
+                        repeats: int = 5,  # repeats; figures are medians over them
+                        smoke: bool | None = None) -> dict:  # the SMOKE world; None = settings
+    "Instrumentation off vs on, two `loyaltylens serve` processes side by side over loopback HTTP, requests interleaved: per-route p50s, ratio, µs added."
+    import httpx
+    from loyaltylens.pipeline import LoyaltyLensPipeline, serve_process, stop_process
+    smoke = get_settings().smoke_mode if smoke is None else smoke
+    ids = LoyaltyLensPipeline(smoke, precompute="load").sample_customers(200)
+    env = {"LOYALTYLENS_SMOKE": "1" if smoke else "0", "LOYALTYLENS_LLM_BACKEND": "local"}
+    servers, clients, per_repeat = {}, {}, []
+    try:
+        for mode, flag in (("off", "0"), ("on", "1")):
+            servers[mode] = serve_process({**env, "LOYALTYLENS_OBSERVABILITY": flag}, timeout=300)
+            clients[mode] = httpx.Client(base_url=servers[mode][1], timeout=60)
+        _paired(clients, ids, OVERHEAD_WARM, 0)
+        for rep in range(repeats): per_repeat.append(_paired(clients, ids, n, rep).assign(repeat=rep))
+        scraped = scrape(clients["on"].get("/metrics").text)
+        counted = {r: sample(scraped, "loyaltylens_http_requests_total", route=template) for r, (_, _, template) in OVERHEAD_ROUTES.items()}
+        off_status = clients["off"].get("/metrics").status_code
+    finally:
+        for c in clients.values(): c.close()
+        for proc, _ in servers.values(): stop_process(proc)
+    t = pd.concat(per_repeat).rename_axis("route").reset_index()
+    t = t.assign(ratio=t.on / t.off, added_us=t.on - t.off)
+    table = t.groupby("route")[["off", "on", "ratio", "added_us"]].median().rename(columns=dict(off="off_p50_us", on="on_p50_us"))
+    return dict(table=table, per_repeat=t, n=n, repeats=repeats, smoke=smoke, counted=counted, off_metrics_status=off_status,
+                load_avg_1m=os.getloadavg()[0], features_added_us=float(table.loc["features", "added_us"]),
+                pipeline_ratio=float(table.loc["pipeline", "ratio"]), pipeline_added_us=float(table.loc["pipeline", "added_us"]),
+                features_ratio=float(table.loc["features", "ratio"]))
+
+# %% ../nbs/07b_observability.ipynb #d5158f24
+def bench_observability_report(res: dict) -> str:
+    "The benchmark as text: how it was measured, the two bars with their verdicts, the table."
+    ok = lambda passed: "met" if passed else "MISSED"
+    return "\n".join([
+        f"instrumentation off vs on (metrics + JSONL traces): two `loyaltylens serve` processes side by side, one client alternating them request by "
+        f"request over loopback HTTP; {res['n']} pairs per route x {res['repeats']} repeats; medians over repeats of the per-repeat p50s "
+        f"(load average {res['load_avg_1m']:.1f} at the end, {'SMOKE' if res['smoke'] else 'default'} world)",
+        f"feature lookup: +{res['features_added_us']:.0f} µs at p50 (bar <= {OVERHEAD_MAX_ADDED_US:g} µs: {ok(res['features_added_us'] <= OVERHEAD_MAX_ADDED_US)}); "
+        f"ratio {res['features_ratio']:.3f}",
+        f"non-LLM pipeline call: on/off p50 ratio {res['pipeline_ratio']:.3f} (bar <= {OVERHEAD_MAX_RATIO}: {ok(res['pipeline_ratio'] <= OVERHEAD_MAX_RATIO)}); "
+        f"+{res['pipeline_added_us']:.0f} µs", "", res["table"].round(3).to_string()])
+
+@bench_app.command("observability")
+def bench_observability_cmd(n: int = typer.Option(300, min=10, help="request pairs per route in each repeat"),
+                            repeats: int = typer.Option(5, min=1, max=100, help="repeats; figures are medians over them"),
+                            smoke: bool | None = typer.Option(None, "--smoke/--no-smoke", help="the small SMOKE world (default: LOYALTYLENS_SMOKE)")):
+    "What metrics and traces add to the feature lookup and non-LLM pipeline p50s: instrumentation off vs on, side by side over loopback HTTP."
+    text = bench_observability_report(bench_observability(n, repeats, smoke))
+    (workspace("bench") / "observability.txt").write_text(text)
+    typer.echo(text)

@@ -1,11 +1,15 @@
 """Observability (notebook 07b): /metrics after a burst of mixed requests counts exactly what was sent, per route
 template and status, with no customer id in any label; a pipeline call is one trace whose stage spans cover its wall
 time and whose LLM span's token counts equal llama.cpp's own counters; spans reach an OTLP/HTTP receiver; the alert
-rules pass promtool's unit tests; /metrics is token-protected when a token is set."""
-import shutil, subprocess, threading
+rules pass promtool's unit tests; /metrics is token-protected when a token is set; the dashboard's live, trace and feedback
+panels render from a running app, its trace file and a feedback store, and say what is absent when they are not there."""
+import shutil, subprocess, threading, time
 from collections import Counter
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -157,3 +161,77 @@ def test_alert_rules_fire_and_stay_silent(root):
     broken = obs.psi_alert_test({"recency_days": 0.9})
     broken["tests"][0]["alert_rule_test"][0]["exp_alerts"] = []  # claim it stays silent: promtool must disagree
     assert obs.promtool_test(broken).returncode != 0
+
+
+# --- the dashboard's live, trace and feedback panels (AppTest: no browser) ---------------------------------------
+
+DASH = Path(obs.__file__).with_name("_dashboard_app.py")
+PANELS = ["Feedback trends", "Live metrics", "Latest pipeline traces"]
+
+
+@pytest.fixture(scope="module")
+def served_app(pipeline):
+    "`loyaltylens serve` on the SMOKE world as a real process, instrumented; its base URL."
+    from loyaltylens.pipeline import serve_process, stop_process
+    proc, url = serve_process({"LOYALTYLENS_SMOKE": "1", "LOYALTYLENS_STORE_BACKEND": "memory", "LOYALTYLENS_LLM_BACKEND": "local",
+                               "LOYALTYLENS_OBSERVABILITY": "1", "LOYALTYLENS_API_TOKEN": ""}, timeout=300)
+    yield url
+    stop_process(proc)
+
+
+@pytest.fixture
+def judged_store(monkeypatch):
+    "A throwaway PostgreSQL holding 3 pairs and 3 judgements, made the configured feedback store."
+    from test_feedback import TempPostgres, judgement, make_pairs
+    from loyaltylens import feedback as fb
+    server = TempPostgres()
+    monkeypatch.setenv("LOYALTYLENS_PG_URL", server.start()); monkeypatch.setenv("LOYALTYLENS_FEEDBACK_SCHEMA", "dashboard_test")
+    with fb.open_store() as conn:
+        pairs = make_pairs(3)
+        fb.store_pairs(conn, pairs)
+        now = datetime.now(timezone.utc)
+        fb.record_many(conn, [(fb.FeedbackIn(**judgement(p)), now) for p in pairs], simulated=False)
+    yield len(pairs)
+    server.stop()
+
+
+def test_dashboard_panels_show_live_metrics_traces_and_feedback(pipeline, served_app, judged_store, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    ids, t0 = pipeline.sample_customers(4), time.time_ns()
+    with httpx.Client(base_url=served_app, timeout=60) as c:
+        for cid in ids: assert c.post(f"/pipeline/{cid}", params={"copy": "false"}).status_code == 200
+    deadline = time.monotonic() + 60  # the batch exporter writes every few seconds
+    while time.monotonic() < deadline:
+        panel = obs.trace_panel(len(ids))
+        if "data" in panel and (panel["data"]["calls"].started.astype("int64") >= t0).sum() == len(ids): break
+        time.sleep(0.5)
+    else: pytest.fail(f"the {len(ids)} pipeline calls never reached the trace file: {panel}")
+    monkeypatch.setenv("LOYALTYLENS_METRICS_URL", f"{served_app}/metrics")
+    at = AppTest.from_file(str(DASH), default_timeout=180).run()
+    assert not at.exception, at.exception
+    assert [h.value for h in at.header][-3:] == PANELS, [h.value for h in at.header]
+    assert not [i.value for i in at.info if any(w in i.value for w in ("app answers", "trace", "feedback", "judgement"))], [i.value for i in at.info]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["judgements, last 7 days"] == str(judged_store), metrics  # the feedback panel reads window_stats
+    assert metrics["copy requests queued"] == "0", metrics
+    frames = [d.value for d in at.dataframe]
+    rates = next(f for f in frames if "requests_per_s" in f.columns)
+    assert "/pipeline/{customer_id}" in rates.index, rates
+    stages = next(f for f in frames if "p95_ms" in f.columns)
+    assert {"features", "propensity", "retrieval"} <= set(stages.index) and (stages.p50_ms > 0).all(), stages
+    calls = next(f for f in frames if "wall_ms" in f.columns)
+    assert len(calls) >= len(ids) and calls.wall_ms.gt(0).all(), calls
+    assert at.selectbox[0].value == calls.index[0], "the newest call's waterfall is drawn first"
+    assert at.get("imgs"), "the waterfall is drawn"
+
+
+def test_dashboard_panels_say_what_is_absent(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    from loyaltylens.feedback import free_port
+    monkeypatch.setenv("LOYALTYLENS_HOME", str(tmp_path / "empty")); monkeypatch.delenv("LOYALTYLENS_PG_URL", raising=False)
+    monkeypatch.setenv("LOYALTYLENS_METRICS_URL", f"http://127.0.0.1:{free_port()}/metrics")  # nothing listens there
+    at = AppTest.from_file(str(DASH), default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert [h.value for h in at.header][-3:] == PANELS
+    infos = " ".join(i.value for i in at.info)
+    assert "no feedback store" in infos and "no app answers" in infos and "no trace file" in infos, infos
