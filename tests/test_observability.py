@@ -222,7 +222,7 @@ def test_dashboard_panels_show_live_metrics_traces_and_feedback(pipeline, served
     calls = next(f for f in frames if "wall_ms" in f.columns)
     assert len(calls) >= len(ids) and calls.wall_ms.gt(0).all(), calls
     assert at.selectbox[0].value == calls.index[0], "the newest call's waterfall is drawn first"
-    assert at.get("imgs"), "the waterfall is drawn"
+    assert at.get("image"), "the waterfall is drawn"
 
 
 def test_dashboard_panels_say_what_is_absent(tmp_path, monkeypatch):
