@@ -453,8 +453,8 @@ def _paired(clients: dict, ids: list[str], n: int, first: int) -> pd.DataFrame:
 def bench_observability(n: int = 300,  # request pairs per route in each repeat
                         repeats: int = 5,  # repeats; figures are medians over them
                         smoke: bool | None = None) -> dict:  # the SMOKE world; None = settings
-    "Instrumentation off vs on, two `loyaltylens serve` processes side by side over loopback HTTP, requests interleaved: per-route p50s, ratio, µs added."
-    import httpx
+    "Instrumentation off vs on, two `loyaltylens serve` processes side by side over loopback HTTP, requests interleaved: per-route p50s, ratio, µs added, and each server's CPU µs per request."
+    import httpx, psutil
     from loyaltylens.pipeline import LoyaltyLensPipeline, serve_process, stop_process
     smoke = get_settings().smoke_mode if smoke is None else smoke
     ids = LoyaltyLensPipeline(smoke, precompute="load").sample_customers(200)
@@ -465,7 +465,10 @@ def bench_observability(n: int = 300,  # request pairs per route in each repeat
             servers[mode] = serve_process({**env, "LOYALTYLENS_OBSERVABILITY": flag}, timeout=300)
             clients[mode] = httpx.Client(base_url=servers[mode][1], timeout=60)
         _paired(clients, ids, OVERHEAD_WARM, 0)
+        cpu_s = lambda mode: sum(psutil.Process(servers[mode][0].pid).cpu_times()[:2])  # user + system seconds of the server process
+        cpu_before = {mode: cpu_s(mode) for mode in servers}
         for rep in range(repeats): per_repeat.append(_paired(clients, ids, n, rep).assign(repeat=rep))
+        cpu_us = {mode: (cpu_s(mode) - cpu_before[mode]) * 1e6 / (n * repeats * len(OVERHEAD_ROUTES)) for mode in servers}  # per request, both routes
         scraped = scrape(clients["on"].get("/metrics").text)
         counted = {r: sample(scraped, "loyaltylens_http_requests_total", route=template) for r, (_, _, template) in OVERHEAD_ROUTES.items()}
         off_status = clients["off"].get("/metrics").status_code
@@ -478,7 +481,7 @@ def bench_observability(n: int = 300,  # request pairs per route in each repeat
     return dict(table=table, per_repeat=t, n=n, repeats=repeats, smoke=smoke, counted=counted, off_metrics_status=off_status,
                 load_avg_1m=os.getloadavg()[0], features_added_us=float(table.loc["features", "added_us"]),
                 pipeline_ratio=float(table.loc["pipeline", "ratio"]), pipeline_added_us=float(table.loc["pipeline", "added_us"]),
-                features_ratio=float(table.loc["features", "ratio"]))
+                features_ratio=float(table.loc["features", "ratio"]), cpu_us_per_request=cpu_us, cpu_added_us=cpu_us["on"] - cpu_us["off"])
 
 # %% ../nbs/07b_observability.ipynb #d5158f24
 def bench_observability_report(res: dict) -> str:
@@ -491,7 +494,9 @@ def bench_observability_report(res: dict) -> str:
         f"feature lookup: +{res['features_added_us']:.0f} µs at p50 (bar <= {OVERHEAD_MAX_ADDED_US:g} µs: {ok(res['features_added_us'] <= OVERHEAD_MAX_ADDED_US)}); "
         f"ratio {res['features_ratio']:.3f}",
         f"non-LLM pipeline call: on/off p50 ratio {res['pipeline_ratio']:.3f} (bar <= {OVERHEAD_MAX_RATIO}: {ok(res['pipeline_ratio'] <= OVERHEAD_MAX_RATIO)}); "
-        f"+{res['pipeline_added_us']:.0f} µs", "", res["table"].round(3).to_string()])
+        f"+{res['pipeline_added_us']:.0f} µs",
+        f"server CPU per request (user + system, both routes): off {res['cpu_us_per_request']['off']:.0f} µs, on {res['cpu_us_per_request']['on']:.0f} µs "
+        f"-> +{res['cpu_added_us']:.0f} µs of CPU (wall-clock figures above include waiting for the shared cores)", "", res["table"].round(3).to_string()])
 
 @bench_app.command("observability")
 def bench_observability_cmd(n: int = typer.Option(300, min=10, help="request pairs per route in each repeat"),
