@@ -21,13 +21,13 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
-__all__ = ['SECRET_SETTINGS', 'URL_SETTINGS', 'GLOSSARY', 'app', 'bench_app', 'MAX_PATH_CHARS', 'MAX_NAME_CHARS', 'GLOB_CHARS',
-           'PATH_ROLES', 'DEMO_STEPS', 'MORE_CHECKS', 'Settings', 'mask_credentials', 'get_settings', 'bearer_matches',
-           'workspace', 'workspace_lock', 'embedded_postgres', 'pg_url', 'ensure_vector_extension', 'pg_connect',
-           'mlflow_uri', 'mlflow_experiment', 'minilm_path', 'load_minilm', 'gemma_gguf_path', 'Completion',
-           'LlamaCppLLM', 'TransformersLLM', 'llama_cpp_available', 'load_llm', 'StageTimer', 'latency_summary',
-           'glossary_markdown', 'main', 'BadInput', 'checked_path', 'path_option', 'path_argument', 'demo_step', 'demo',
-           'Check', 'doctor_checks', 'doctor']
+__all__ = ['SECRET_SETTINGS', 'URL_SETTINGS', 'TRACER_NAME', 'GLOSSARY', 'app', 'bench_app', 'MAX_PATH_CHARS', 'MAX_NAME_CHARS',
+           'GLOB_CHARS', 'PATH_ROLES', 'DEMO_STEPS', 'MORE_CHECKS', 'Settings', 'mask_credentials', 'get_settings',
+           'bearer_matches', 'workspace', 'workspace_lock', 'embedded_postgres', 'pg_url', 'ensure_vector_extension',
+           'pg_connect', 'mlflow_uri', 'mlflow_experiment', 'minilm_path', 'load_minilm', 'gemma_gguf_path',
+           'Completion', 'LlamaCppLLM', 'TransformersLLM', 'llama_cpp_available', 'load_llm', 'tracer', 'StageTimer',
+           'latency_summary', 'glossary_markdown', 'main', 'BadInput', 'checked_path', 'path_option', 'path_argument',
+           'demo_step', 'demo', 'Check', 'doctor_checks', 'doctor']
 
 # %% ../nbs/00_core.ipynb #4b0372c3
 class Settings(BaseSettings):
@@ -308,15 +308,24 @@ def load_llm(runtime: Literal["auto", "llama-cpp", "transformers"] | None = None
     return LlamaCppLLM() if runtime == "llama-cpp" else TransformersLLM()
 
 # %% ../nbs/00_core.ipynb #8a595622
+TRACER_NAME = "loyaltylens"  # the instrumentation scope of every span LoyaltyLens opens
+
+@lru_cache(maxsize=None)
+def tracer():
+    "The OpenTelemetry tracer of LoyaltyLens: a no-op until an SDK tracer provider is installed (notebook 07b), then it records."
+    from opentelemetry import trace
+    return trace.get_tracer(TRACER_NAME)
+
 class StageTimer:
-    "Wall-clock milliseconds per named stage: `with timer('features'): ...`; repeated stages accumulate."
+    "Wall-clock milliseconds per named stage: `with timer('features'): ...`; repeated stages accumulate. Each stage is also a span."
     def __init__(self): self.ms: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, stage: str):  # name of the stage being timed
-        t = time.perf_counter()
-        try: yield
-        finally: self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t) * 1000
+        with tracer().start_as_current_span(stage, attributes={"loyaltylens.stage": stage}):
+            t = time.perf_counter()
+            try: yield
+            finally: self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t) * 1000
 
     @property
     def total_ms(self) -> float: return sum(self.ms.values())

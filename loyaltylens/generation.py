@@ -24,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .core import (BadInput, app, bench_app, demo_step, gemma_gguf_path, get_settings, latency_summary, llama_cpp_available,
-                              load_llm, load_minilm, minilm_path, workspace, workspace_lock)
+                              load_llm, load_minilm, minilm_path, tracer, workspace, workspace_lock)
 
 # %% auto #0
 __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDERS', 'NUMBER_WORDS', 'UNIT_DAYS',
@@ -35,22 +35,23 @@ __all__ = ['WORD_LIMITS', 'TONES', 'LLM_BACKENDS', 'CHANNEL_WORDS', 'PLACEHOLDER
            'MAX_BACKTRACKS', 'MAX_WORD_CHARS', 'DECODE_BANNED', 'CHANNEL_DECODE_WORDS', 'SHOT_BRANDS', 'TIME_WORDS',
            'CODE_WORDS', 'N_SPECIAL', 'MAX_SHORT_PIECE', 'COPY_VOCAB_RULES', 'LAPSED_AFTER_DAYS', 'LOYAL_MAX_RECENCY',
            'LOYAL_MIN_PURCHASES', 'URGENT_MAX_DAYS', 'BODY_SENTENCE_WORDS', 'LOCAL_ROUTES', 'ATTEMPTS',
-           'FACT_CHECK_BARS', 'BRAND_VIOLATION_PENALTY', 'CLIP_MODEL', 'router', 'copy_app', 'PLAIN_SAMPLES', 'n_words',
-           'CopyText', 'OfferCopy', 'PromptError', 'prompt_context', 'placeholders', 'render_prompt', 'offer_facts',
-           'number_problems', 'claim_problems', 'fact_problems', 'fact_check', 'EvalCriteria', 'FewShot',
-           'PromptVersion', 'Activation', 'ActiveFile', 'prompts_dir', 'UnknownPromptVersion', 'version_key',
-           'PromptRegistry', 'write_atomic', 'copy_grammar', 'mentions_offer', 'check_copy', 'RawCompletion',
-           'shared_prefix', 'few_shot_prompt', 'DecodeRules', 'decode_rules', 'growing', 'new_problems', 'piece_ok',
-           'offer_and_customer', 'english_words', 'copy_texts', 'vocabulary', 'copy_vocabulary', 'trim_vocabulary',
-           'copy_gguf_path', 'decode_step_ms', 'CopyDecoder', 'load_decoder', 'last_word_tokens', 'sampled_value',
-           'customer_segment', 'allowed_tones', 'whole_sentences', 'without_dangling', 'skeleton_attempt',
-           'gbnf_attempt', 'local_attempt', 'gbnf_accepts', 'copy_pattern', 'GenerationError', 'chat_messages',
-           'openai_client', 'openai_attempt', 'write_copy', 'fact_labels_path', 'load_fact_labels', 'span_ranges',
-           'fact_check_row', 'fact_check_scores', 'offer_catalog', 'customer_context', 'get_offer', 'generate_copy',
-           'brand_dir', 'BrandGuide', 'load_brand_guide', 'BrandScore', 'copy_text', 'brand_violations', 'brand_scores',
-           'clip_weights_available', 'ClipScorer', 'random_clip_scorer', 'clip_brand_scores', 'CopyRequest',
-           'missing_copy_artefacts', 'copy_writer', 'generate_endpoint', 'generate_cmd', 'plain_tokens_per_s',
-           'schema_valid', 'bench_route', 'bench_copy', 'bench_copy_cmd']
+           'GENAI_PROVIDERS', 'GENAI_OPERATIONS', 'FACT_CHECK_BARS', 'BRAND_VIOLATION_PENALTY', 'CLIP_MODEL', 'router',
+           'copy_app', 'PLAIN_SAMPLES', 'n_words', 'CopyText', 'OfferCopy', 'PromptError', 'prompt_context',
+           'placeholders', 'render_prompt', 'offer_facts', 'number_problems', 'claim_problems', 'fact_problems',
+           'fact_check', 'EvalCriteria', 'FewShot', 'PromptVersion', 'Activation', 'ActiveFile', 'prompts_dir',
+           'UnknownPromptVersion', 'version_key', 'PromptRegistry', 'write_atomic', 'copy_grammar', 'mentions_offer',
+           'check_copy', 'RawCompletion', 'shared_prefix', 'few_shot_prompt', 'DecodeRules', 'decode_rules', 'growing',
+           'new_problems', 'piece_ok', 'offer_and_customer', 'english_words', 'copy_texts', 'vocabulary',
+           'copy_vocabulary', 'trim_vocabulary', 'copy_gguf_path', 'decode_step_ms', 'CopyDecoder', 'load_decoder',
+           'last_word_tokens', 'sampled_value', 'customer_segment', 'allowed_tones', 'whole_sentences',
+           'without_dangling', 'skeleton_attempt', 'gbnf_attempt', 'local_attempt', 'gbnf_accepts', 'copy_pattern',
+           'GenerationError', 'chat_messages', 'openai_client', 'openai_attempt', 'genai_attributes', 'write_copy',
+           'fact_labels_path', 'load_fact_labels', 'span_ranges', 'fact_check_row', 'fact_check_scores',
+           'offer_catalog', 'customer_context', 'get_offer', 'generate_copy', 'brand_dir', 'BrandGuide',
+           'load_brand_guide', 'BrandScore', 'copy_text', 'brand_violations', 'brand_scores', 'clip_weights_available',
+           'ClipScorer', 'random_clip_scorer', 'clip_brand_scores', 'CopyRequest', 'missing_copy_artefacts',
+           'copy_writer', 'generate_endpoint', 'generate_cmd', 'plain_tokens_per_s', 'schema_valid', 'bench_route',
+           'bench_copy', 'bench_copy_cmd']
 
 # %% ../nbs/04_generation.ipynb #8ec69637
 WORD_LIMITS = {"headline": 8, "body": 40, "cta": 5}  # hard limits of the contract; a prompt version may be stricter
@@ -781,14 +782,15 @@ def eval_prompt(self: CopyDecoder,
     if shared and reuse:
         head = self.tokens(shared, bos=True)
         n = next((i for i, (a, b) in enumerate(zip(head, tokens)) if a != b), min(len(head), len(tokens) - 1))
-        if self.cached(tokens) < n:  # another version's prefix (or none): the shared prefix alone, from position 0
+        prefix = n if self.cached(tokens) < n else 0  # another version's prefix (or none): the shared prefix alone, from position 0
+        if prefix:
             self.llm.n_tokens = 0
             self.llm.eval(tokens[:n])
         keep = n
-    else: keep = self.cached(tokens) if reuse else 0
+    else: keep, prefix = (self.cached(tokens) if reuse else 0), 0
     self.llm.n_tokens = keep  # `Llama.eval` drops the cache from this position on, then decodes the rest
     self.llm.eval(tokens[keep:])
-    return len(tokens) - keep
+    return prefix + len(tokens) - keep
 
 @patch
 def eval_more(self: CopyDecoder, text: str) -> int:
@@ -927,17 +929,18 @@ def skeleton_attempt(decoder: CopyDecoder, prompt: PromptVersion, context: dict,
     rules = decode_rules(offer, customer)
     text = few_shot_prompt(prompt, context, f"prompts/{prompt.version}.yaml") + ' {"headline": "' + prefix
     evaluated = decoder.eval_prompt(text, shared=shared_prefix(prompt))  # from the shared prefix: the copy depends on this request only
-    t0, sampler, values, generated = time.perf_counter(), decoder.sampler(s["temperature"], seed + attempt), {}, 0
+    t0, sampler, values, generated, glued = time.perf_counter(), decoder.sampler(s["temperature"], seed + attempt), {}, 0, 0  # glued: the program's JSON, read like the prompt
     for key, after in [("headline", "body"), ("body", "cta"), ("cta", "tone")]:
         glue = f'", "{after}": "'  # the program's JSON between two values
         value, n, _ = decoder.sample_field(sampler, rules, limits[key], prefix if key == "headline" else "",
                                            BODY_SENTENCE_WORDS if key == "body" else None, key, glue)
-        values[key], generated, evaluated = value.strip(), generated + n, evaluated + len(decoder.tokens(glue))
+        glued += len(decoder.tokens(glue))
+        values[key], generated = value.strip(), generated + n
     values["tone"] = decoder.pick_tone(s["temperature"], np.random.default_rng(seed + attempt), allowed_tones(customer, offer))
     values["body"] = whole_sentences(values["body"])
     values["headline"], values["cta"] = without_dangling(values["headline"], prefix), without_dangling(values["cta"])
-    return RawCompletion(json.dumps(values, ensure_ascii=False), len(decoder.tokens(text, bos=True)), generated + 1, f"{decoder.path.stem} (llama-cpp, fast)",
-                         prompt_evaluated=evaluated, decode_s=time.perf_counter() - t0)
+    return RawCompletion(json.dumps(values, ensure_ascii=False), len(decoder.tokens(text, bos=True)) + glued, generated + 1, f"{decoder.path.stem} (llama-cpp, fast)",
+                         prompt_evaluated=evaluated + glued, decode_s=time.perf_counter() - t0)
 
 # %% ../nbs/04_generation.ipynb #7b870bf0
 def gbnf_attempt(decoder: CopyDecoder, prompt: PromptVersion, context: dict, attempt: int = 0, seed: int = 0) -> RawCompletion:
@@ -1043,6 +1046,21 @@ def openai_attempt(prompt: PromptVersion, context: dict, attempt: int = 0, seed:
 
 ATTEMPTS = {"local": local_attempt, "openai": openai_attempt}
 
+# %% ../nbs/04_generation.ipynb #d810d792
+GENAI_PROVIDERS = {"local": "llama.cpp", "openai": "openai"}  # gen_ai.provider.name of each backend
+GENAI_OPERATIONS = {"local": "text_completion", "openai": "chat"}  # a base-model prompt vs chat messages
+
+def genai_attributes(copy: OfferCopy,  # the call's result
+                     decode_s: float | None = None) -> dict:  # seconds spent sampling, over every attempt (None: unknown)
+    "The span attributes of one copy call: GenAI semantic conventions, plus the prompt version, attempts and decode time."
+    out = {"gen_ai.operation.name": GENAI_OPERATIONS.get(copy.backend, copy.backend), "gen_ai.provider.name": GENAI_PROVIDERS.get(copy.backend, copy.backend),
+           "gen_ai.request.model": copy.model, "gen_ai.response.model": copy.model,
+           "gen_ai.usage.input_tokens": copy.prompt_tokens, "gen_ai.usage.output_tokens": copy.completion_tokens,
+           "gen_ai.usage.cache_read.input_tokens": copy.prompt_tokens - copy.prompt_tokens_evaluated,
+           "loyaltylens.prompt.version": copy.prompt_version, "loyaltylens.copy.attempts": copy.attempts}
+    if decode_s: out["loyaltylens.copy.decode_seconds"] = decode_s
+    return out
+
 # %% ../nbs/04_generation.ipynb #4dc03677
 def write_copy(customer: dict,  # feature row of the customer (FEATURE_COLUMNS, customer_id)
                propensity: float,  # the customer's calibrated redemption probability
@@ -1060,22 +1078,27 @@ def write_copy(customer: dict,  # feature row of the customer (FEATURE_COLUMNS, 
     if backend not in ATTEMPTS: raise ValueError(f"backend: unknown backend {backend!r}; choose one of {list(ATTEMPTS)}")
     prompt = (registry or PromptRegistry()).get(version)
     ctx = prompt_context(customer, propensity, offer)
-    t0, p_tok, c_tok, evaluated, errors = time.perf_counter(), 0, 0, 0, []
-    for attempt in range(max_attempts):
-        kw = dict(route=route) if backend == "local" else {}
-        raw = ATTEMPTS[backend](prompt, ctx, attempt, seed, errors[-1] if errors else None, **kw)
-        p_tok, c_tok = p_tok + raw.prompt_tokens, c_tok + raw.completion_tokens
-        evaluated += raw.prompt_tokens if raw.prompt_evaluated is None else raw.prompt_evaluated
-        try: copy = check_copy(raw.text, prompt, ctx)
-        except ValueError as e: copy = None; errors.append(str(e))
-        problems = fact_problems(copy, offer, customer) if copy and check_facts else []
-        if problems: errors.append("fact check: " + "; ".join(f"{span!r} {why}" for span, why in problems))
-        if trace is not None: trace.append((raw, None if copy and not problems else errors[-1]))
-        if copy is None or problems: continue
-        return OfferCopy(**copy.model_dump(), customer_id=ctx["customer_id"], offer_id=ctx["offer_id"], prompt_version=prompt.version,
-                         backend=backend, model=raw.model, latency_ms=(time.perf_counter() - t0) * 1000, prompt_tokens=p_tok,
-                         prompt_tokens_evaluated=evaluated, completion_tokens=c_tok, attempts=attempt + 1)
-    raise GenerationError(f"{backend} backend: no valid copy after {max_attempts} attempts: " + " | ".join(errors))
+    t0, p_tok, c_tok, evaluated, decode_s, errors = time.perf_counter(), 0, 0, 0, 0.0, []
+    with tracer().start_as_current_span(GENAI_OPERATIONS.get(backend, backend), attributes={"loyaltylens.prompt.version": prompt.version}) as llm_span:
+        for attempt in range(max_attempts):
+            kw = dict(route=route) if backend == "local" else {}
+            raw = ATTEMPTS[backend](prompt, ctx, attempt, seed, errors[-1] if errors else None, **kw)
+            p_tok, c_tok, decode_s = p_tok + raw.prompt_tokens, c_tok + raw.completion_tokens, decode_s + (raw.decode_s or 0.0)
+            evaluated += raw.prompt_tokens if raw.prompt_evaluated is None else raw.prompt_evaluated
+            try: copy = check_copy(raw.text, prompt, ctx)
+            except ValueError as e: copy = None; errors.append(str(e))
+            problems = fact_problems(copy, offer, customer) if copy and check_facts else []
+            if problems: errors.append("fact check: " + "; ".join(f"{span!r} {why}" for span, why in problems))
+            if trace is not None: trace.append((raw, None if copy and not problems else errors[-1]))
+            if copy is None or problems: continue
+            out = OfferCopy(**copy.model_dump(), customer_id=ctx["customer_id"], offer_id=ctx["offer_id"], prompt_version=prompt.version,
+                            backend=backend, model=raw.model, latency_ms=(time.perf_counter() - t0) * 1000, prompt_tokens=p_tok,
+                            prompt_tokens_evaluated=evaluated, completion_tokens=c_tok, attempts=attempt + 1)
+            llm_span.update_name(f"{GENAI_OPERATIONS.get(backend, backend)} {raw.model}")  # GenAI convention: "{operation} {model}"
+            llm_span.set_attributes(genai_attributes(out, decode_s))
+            return out
+        llm_span.set_attribute("loyaltylens.copy.attempts", max_attempts)
+        raise GenerationError(f"{backend} backend: no valid copy after {max_attempts} attempts: " + " | ".join(errors))
 
 # %% ../nbs/04_generation.ipynb #59c0f60d
 def fact_labels_path() -> Path:

@@ -621,7 +621,6 @@ def dashboard_data(smoke: bool | None = None) -> dict:  # None = settings
     drift = sorted(workspace("llmops", "drift").glob("report-*.json"), key=lambda p: p.stat().st_mtime)
     out["drift"] = dict(data=json.loads(drift[-1].read_text())) if drift else dict(absent="no drift report yet: run `loyaltylens drift check --baseline A --current B`")
     out["model"] = _registry_metrics()
-    out["feedback"] = _feedback_trend()
     return out
 
 # %% ../nbs/05_llmops.ipynb #e894515a
@@ -639,19 +638,6 @@ def _registry_metrics() -> dict:
         return dict(data=dict(version=int(v.version), run_id=v.run_id, metrics={k: round(x, 4) for k, x in sorted(metrics.items()) if k.startswith("test_")}))
     except Exception as e:  # the dashboard shows why, it does not crash
         return dict(absent=f"model registry unavailable: {type(e).__name__}: {e}"[:300])
-
-def _feedback_trend() -> dict:
-    "Daily feedback quality from module 6 when it exists, else absent."
-    import importlib.util
-    if importlib.util.find_spec("loyaltylens.feedback") is None: return dict(absent="feedback module (notebook 06) not built yet")
-    try:
-        import loyaltylens.feedback as fb
-        fn = getattr(fb, "daily_quality", None) or getattr(fb, "aggregate", None)
-        if fn is None: return dict(absent="loyaltylens.feedback has no daily aggregate to show")
-        df = pd.DataFrame(fn())
-        return dict(data=json.loads(df.to_json(orient="records", date_format="iso"))) if len(df) else dict(absent="no feedback collected yet")
-    except Exception as e:
-        return dict(absent=f"feedback unavailable: {type(e).__name__}: {e}"[:300])
 
 # %% ../nbs/05_llmops.ipynb #bc069023
 prompt_app = typer.Typer(no_args_is_help=True, help="Prompt registry: list, show, diff, activate, rollback.")

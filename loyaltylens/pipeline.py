@@ -6,7 +6,7 @@ Docs: https://loyaltylens.github.io/loyaltylens/pipeline.html.md"""
 
 # %% ../nbs/07_pipeline.ipynb #bfeb20af
 from __future__ import annotations
-import asyncio, hashlib, importlib, inspect, ipaddress, json, math, os, pkgutil, queue, signal, socket, subprocess, sys, threading, time, weakref
+import asyncio, contextvars, hashlib, importlib, inspect, ipaddress, json, math, os, pkgutil, queue, signal, socket, subprocess, sys, threading, time, weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .core import (BadInput, StageTimer, app, bearer_matches, bench_app, demo_step, get_settings, latency_summary, load_llm, load_minilm,
-                              minilm_path, workspace, workspace_lock)
+                              minilm_path, tracer, workspace, workspace_lock)
 from . import features as fs, generation as gen, propensity as prop, retrieval as ret
 
 # %% auto #0
@@ -383,27 +383,29 @@ def run_for_customer(self: LoyaltyLensPipeline, customer_id: str,  # a customer 
                      score: Callable | None = None) -> PipelineResult:  # brand-scores copies; None = `generation.brand_scores`
     "Features, propensity, eligible offers, copy for the top offer with its checks, and per-stage latency in ms."
     timer = StageTimer()
-    version, t = self.snapshot(as_of)
-    with timer("features"):
-        try: feats = self.store.get(customer_id, version)
-        except KeyError: raise UnknownCustomer(f"unknown customer_id {customer_id!r}: not in feature snapshot {version}") from None
-        row = {c: feats[c] for c in fs.FEATURE_COLUMNS}
-    with timer("propensity"):
-        table = self.served(version) if precomputed else None
-        hit = table.lookup(customer_id) if table is not None else None  # (propensity, query, vector) or None
-        p = hit[0] if hit else float(self.model.predict(pd.DataFrame([row]))[0])
-    with timer("retrieval"):
-        query = hit[1] if hit else ret.customer_query(self.history(customer_id, version, t), row["channel_preference"])
-        filters = ret.customer_filters(row["channel_preference"], p)
-        offers = self.offers_for(query, filters, hit[2] if hit else None)
-    out = dict(customer_id=customer_id, as_of=t.isoformat(), feature_version=version, features=row, propensity=p,
-               query=query, filters=filters, offers=offers, served_from="precomputed" if hit else "on_request")
-    if copy and offers:
-        top = offers[0]
-        with timer("generation"): c = (write or gen.write_copy)({**row, "customer_id": customer_id}, p, top, backend=self.llm_backend)
-        with timer("scoring"):
-            out.update(copy=c.model_dump(), brand=(score or gen.brand_scores)([c])[0].model_dump(), fact_issues=gen.fact_check(c, top, row))
-    return PipelineResult(**out, latency_ms={**timer.ms, "total": timer.total_ms})
+    with tracer().start_as_current_span("pipeline", attributes={"loyaltylens.copy": copy}) as span:  # one trace per call, a span per stage
+        version, t = self.snapshot(as_of)
+        with timer("features"):
+            try: feats = self.store.get(customer_id, version)
+            except KeyError: raise UnknownCustomer(f"unknown customer_id {customer_id!r}: not in feature snapshot {version}") from None
+            row = {c: feats[c] for c in fs.FEATURE_COLUMNS}
+        with timer("propensity"):
+            table = self.served(version) if precomputed else None
+            hit = table.lookup(customer_id) if table is not None else None  # (propensity, query, vector) or None
+            p = hit[0] if hit else float(self.model.predict(pd.DataFrame([row]))[0])
+        with timer("retrieval"):
+            query = hit[1] if hit else ret.customer_query(self.history(customer_id, version, t), row["channel_preference"])
+            filters = ret.customer_filters(row["channel_preference"], p)
+            offers = self.offers_for(query, filters, hit[2] if hit else None)
+        out = dict(customer_id=customer_id, as_of=t.isoformat(), feature_version=version, features=row, propensity=p,
+                   query=query, filters=filters, offers=offers, served_from="precomputed" if hit else "on_request")
+        if copy and offers:
+            top = offers[0]
+            with timer("generation"): c = (write or gen.write_copy)({**row, "customer_id": customer_id}, p, top, backend=self.llm_backend)
+            with timer("scoring"):
+                out.update(copy=c.model_dump(), brand=(score or gen.brand_scores)([c])[0].model_dump(), fact_issues=gen.fact_check(c, top, row))
+        span.set_attributes({"loyaltylens.feature_version": version, "loyaltylens.served_from": out["served_from"]})
+        return PipelineResult(**out, latency_ms={**timer.ms, "total": timer.total_ms})
 
 # %% ../nbs/07_pipeline.ipynb #75ef434d
 @patch
@@ -817,8 +819,11 @@ def _unavailable(e: Overloaded | ModelUnavailable) -> HTTPException:
 
 # %% ../nbs/07_pipeline.ipynb #bc8e8148
 def owned(worker: ModelWorker, fn: Callable) -> Callable:
-    "`fn` with the same arguments, run by `worker`'s owner (for code that calls a model function rather than a model)."
-    return lambda *args, **kwargs: worker.call(lambda _model: fn(*args, **kwargs))
+    "`fn` with the same arguments, run by `worker`'s owner in the caller's context (its spans join the caller's trace)."
+    def call(*args, **kwargs):
+        ctx = contextvars.copy_context()  # the caller's current span, carried to the owner thread
+        return worker.call(lambda _model: ctx.run(fn, *args, **kwargs))
+    return call
 
 @router.post("/{customer_id}", response_model=PipelineResult, response_model_by_alias=True,
              responses={404: _error("unknown customer, or no feature snapshot at or before as_of"), 502: _error("the LLM server failed"),
@@ -837,7 +842,8 @@ async def run_pipeline(request: Request,
     try:
         if pipeline.in_memory(version) and not copy: return pipeline.run_for_customer(customer_id, as_of, copy=False)  # lookups only: no thread hop
         if pipeline.in_memory(version): return await run_in_threadpool(pipeline.run_for_customer, customer_id, as_of, True, write=write, score=score)
-        cold = lambda _: pipeline.run_for_customer(customer_id, as_of, copy, write=write, score=gen.brand_scores)  # embeds: the encoder's owner runs it
+        ctx = contextvars.copy_context()  # the request's trace continues in the encoder's owner
+        cold = lambda _: ctx.run(pipeline.run_for_customer, customer_id, as_of, copy, write=write, score=gen.brand_scores)  # embeds: the encoder's owner runs it
         return await serving.encoder.run(cold)
     except UnknownCustomer as e: raise HTTPException(404, str(e)) from None
     except gen.GenerationError as e: raise HTTPException(503 if "set OPENAI_API_KEY" in str(e) else 502, str(e)) from None
@@ -941,6 +947,8 @@ def create_app() -> FastAPI:
     if (ui_dir() / "index.html").exists(): api.mount("/ui", StaticFiles(directory=ui_dir(), html=True), name="ui")
     origins = [o.strip() for o in (settings.cors_origins or "").split(",") if o.strip()]
     if origins: api.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["Authorization", "Content-Type"])
+    for m in routers:  # a module that observes the app installs itself last (07b: metrics and traces)
+        if (observe := getattr(importlib.import_module(f"loyaltylens.{m}"), "observe_app", None)) is not None: observe(api)
     return api
 
 # %% ../nbs/07_pipeline.ipynb #192fb8ea

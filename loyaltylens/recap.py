@@ -23,8 +23,8 @@ __all__ = ['Tier', 'SCALES', 'MEASUREMENTS', 'FACT_HEADLINES', 'LANDING_HEADLINE
            'Scale', 'get_scale', 'measurement', 'run_measurements', 'headline_report', 'report_markdown',
            'write_report', 'measure_propensity', 'measure_leakage', 'measure_copy', 'measure_gate', 'measure_readers',
            'measure_facts', 'measure_drift', 'measure_pipeline', 'measure_feedback', 'measure_serve',
-           'measure_retrieval', 'measure_features', 'measure_uplift', 'measure_scale_equality', 'measure_scale_rate',
-           'select_headlines', 'HeadlineFailure', 'failures', 'bench_all', 'bench_all_cmd']
+           'measure_observability', 'measure_retrieval', 'measure_features', 'measure_uplift', 'measure_scale_equality',
+           'measure_scale_rate', 'select_headlines', 'HeadlineFailure', 'failures', 'bench_all', 'bench_all_cmd']
 
 # %% ../nbs/08_recap.ipynb #43864bbc
 Tier = Literal["landing", "bench"]
@@ -274,6 +274,14 @@ def measure_serve(scale: Scale) -> dict:
             "serve.copies_per_s_4": copies[4], "serve.published_lookup_over_served": r["published_lookup_over_served"],
             "serve.published_pipeline_over_served": r["published_pipeline_over_served"], "serve.published_pipeline_over_cold": r["published_pipeline_over_cold"]}
 
+# %% ../nbs/08_recap.ipynb #f24f22f4
+@measurement("observability")
+def measure_observability(scale: Scale) -> dict:
+    "Metrics and traces on vs off, two `loyaltylens serve` side by side over loopback HTTP, requests interleaved (`bench observability`): µs added and on/off p50 ratios."
+    from loyaltylens.observability import bench_observability
+    r = bench_observability(max(60, scale.serve_requests // 10), 5, scale.smoke_world)
+    return {f"observability.{k}": r[k] for k in ("features_added_us", "pipeline_ratio", "features_ratio", "pipeline_added_us", "cpu_added_us")}
+
 # %% ../nbs/08_recap.ipynb #e0761565
 @measurement("retrieval")
 def measure_retrieval(scale: Scale) -> dict:
@@ -355,6 +363,14 @@ BENCH_HEADLINES = [  # minutes each at default scale: checked by `make bench` an
     Headline("feedback.writes_per_s", "feedback", "Article 6", "acknowledged feedback writes/s, 20 clients over loopback HTTP", "≥ 1,000",
              lambda v: v >= 1000, "", "bench"),
     Headline("feedback.rows_lost", "feedback", "Article 6", "acknowledged rows missing from the store", "= 0", lambda v: v == 0, "", "bench"),
+    Headline("observability.features_added_us", "observability", "beyond (07b)", "µs metrics and traces add to the GET /features/{id} p50, "
+             "interleaved with an uninstrumented twin over loopback HTTP", "≤ 100 µs", lambda v: v <= 100, "", "bench"),
+    Headline("observability.pipeline_ratio", "observability", "beyond (07b)", "non-LLM POST /pipeline/{id} p50, instrumented ÷ uninstrumented, same run",
+             "≤ 1.05", lambda v: v <= 1.05, "", "bench"),
+    Headline("observability.features_ratio", "observability", "beyond (07b)", "GET /features/{id} p50, instrumented ÷ uninstrumented", "reported", None, "", "bench"),
+    Headline("observability.pipeline_added_us", "observability", "beyond (07b)", "µs metrics and traces add to the non-LLM pipeline p50", "reported", None, "", "bench"),
+    Headline("observability.cpu_added_us", "observability", "beyond (07b)", "server CPU µs (user + system) metrics and traces add per request, "
+             "feature lookups and pipeline calls together", "reported", None, "", "bench"),
     Headline("retrieval.pgvector_p50_ms", "retrieval", "Article 3", "pgvector HNSW search p50, ms (query embedding excluded)", "reported", None,
              "Article 8 on Module 3: \"31ms vs. 47ms p50 at scale\" (pgvector vs Weaviate)", "bench"),
     Headline("retrieval.hybrid_minus_dense_p5", "retrieval", "Article 3", "hybrid (RRF) − dense precision@5", "reported", None, "", "bench"),

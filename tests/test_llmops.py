@@ -256,7 +256,8 @@ def test_dashboard_apptest_with_data():
     at = AppTest.from_file(str(DASH), default_timeout=120).run()
     assert not at.exception, at.exception
     headers = [h.value for h in at.header]
-    assert headers == ["Active prompt", "Latest evaluation", "Drift per feature", "Propensity model (MLflow registry)", "Feedback trends"]
+    assert headers == ["Active prompt", "Latest evaluation", "Drift per feature", "Propensity model (MLflow registry)", "Feedback trends",
+                       "Live metrics", "Latest pipeline traces"]
     assert PromptRegistry().active_version() in [m.value for m in at.metric]
 
 
