@@ -23,6 +23,12 @@ GATE_N = 8  # the notebook's SMOKE gate size: shares its cached generations
 
 
 @pytest.fixture()
+def smoke(monkeypatch):
+    "SMOKE settings: the gate's reward model is the SMOKE one the notebooks built (the default one writes an 800-copy corpus)."
+    monkeypatch.setenv("LOYALTYLENS_SMOKE", "1")
+
+
+@pytest.fixture()
 def prompts(tmp_path, monkeypatch):
     "A scratch copy of prompts/ that the registry, the CLI and generation use."
     dst = tmp_path / "prompts"
@@ -90,7 +96,7 @@ def test_generation_uses_the_newly_active_version_at_once(prompts):
 
 # --- eval gate --------------------------------------------------------------------------------------------------
 
-def test_eval_gate_passes_active_and_fails_v3_pushy():
+def test_eval_gate_passes_active_and_fails_v3_pushy(smoke):
     t0 = time.perf_counter()
     ok = runner.invoke(app, ["eval", "gate", "--n", str(GATE_N), "--copies", "1"])
     took = time.perf_counter() - t0
@@ -110,7 +116,7 @@ def test_eval_gate_passes_active_and_fails_v3_pushy():
     assert len(runs) == 1 and runs["metrics.passed"].iloc[0] == 0.0 and runs["params.backend"].iloc[0] == "local"
 
 
-def test_eval_is_seeded_same_inputs_same_verdict():
+def test_eval_is_seeded_same_inputs_same_verdict(smoke):
     a, b = L.evaluate(n=GATE_N), L.evaluate(n=GATE_N)
     assert (a.score, a.passed, a.criteria) == (b.score, b.passed, b.criteria)
 
