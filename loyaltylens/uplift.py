@@ -213,7 +213,7 @@ def oracle_auc_table(test: pd.DataFrame,  # module 2's test rows (customer_id, a
     return out
 
 # %% ../nbs/02a_uplift.ipynb #9175b347
-WORLD_V1_FIGURES = {  # default scale (50,000 customers), world v1, measured before issue 17 (commit 0e9f8e7)
+WORLD_V1_FIGURES = {  # default scale (50,000 customers), world v1, measured before world v2 changed the generator
     "TabTransformer test AUC": 0.8221, "gradient boosting test AUC": 0.8246, "logistic regression test AUC": 0.8111,
     "TabTransformer ECE": 0.0050}
 
