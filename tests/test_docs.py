@@ -4,6 +4,8 @@ import http.server
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -110,7 +112,11 @@ def site(tmp_path_factory) -> Path:
         run = docs.executed_copy(ROOT / "nbs" / f"{name}.ipynb", execute="missing")
         assert not docs.run_failed(run), f"{run} stopped at an error (its 'papermill-error-cell'): the page would miss outputs"
     tmp = tmp_path_factory.mktemp("docs")
-    docs.build(site=tmp / "site", stage=tmp / "stage", execute="never")
+    # a process of its own: nbdev re-runs the exported cells to render `show_doc`, and in this process that would
+    # re-register every CLI command on the one `app` with closures over a fresh namespace (a later CLI test would run those)
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "docs" / "build.py"), "--site", str(tmp / "site"), "--stage", str(tmp / "stage"),
+                        "--execute", "never"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "site"
 
 

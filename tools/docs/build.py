@@ -369,12 +369,13 @@ def build(site: Path = SITE, stage: Path = STAGE, runs: Path = RUNS, execute: st
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--site", type=Path, default=SITE, help="output folder (default _docs/)")
+    ap.add_argument("--stage", type=Path, default=STAGE, help="folder for the Markdown pages mkdocs reads (default: the git-ignored staging folder)")
     ap.add_argument("--execute", choices=["stale", "missing", "never"], default="stale",
                     help="run notebooks whose executed copy in _runs/ is stale or missing (default), only missing, or never")
     ap.add_argument("notebooks", nargs="*", type=Path, help="only these notebooks (default: the whole course)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    index = build(a.site.resolve(), execute=a.execute, notebooks=[p.resolve() for p in a.notebooks] or None)
+    index = build(a.site.resolve(), a.stage.resolve(), execute=a.execute, notebooks=[p.resolve() for p in a.notebooks] or None)
     log(f"site built in {time.perf_counter() - t0:.0f}s: {index.relative_to(ROOT) if index.is_relative_to(ROOT) else index}")
     built = [p.resolve() for p in a.notebooks] or course_notebooks()
     failed = [nb.name for nb in built if (RUNS / nb.name).exists() and run_failed(RUNS / nb.name)]
