@@ -21,13 +21,13 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
-__all__ = ['SECRET_SETTINGS', 'URL_SETTINGS', 'TRACER_NAME', 'GLOSSARY', 'app', 'bench_app', 'MAX_PATH_CHARS', 'MAX_NAME_CHARS',
-           'GLOB_CHARS', 'PATH_ROLES', 'DEMO_STEPS', 'MORE_CHECKS', 'Settings', 'mask_credentials', 'get_settings',
-           'bearer_matches', 'workspace', 'workspace_lock', 'embedded_postgres', 'pg_url', 'ensure_vector_extension',
-           'pg_connect', 'mlflow_uri', 'mlflow_experiment', 'minilm_path', 'load_minilm', 'gemma_gguf_path',
-           'Completion', 'LlamaCppLLM', 'TransformersLLM', 'llama_cpp_available', 'load_llm', 'tracer', 'StageTimer',
-           'latency_summary', 'glossary_markdown', 'main', 'BadInput', 'checked_path', 'path_option', 'path_argument',
-           'demo_step', 'demo', 'Check', 'doctor_checks', 'doctor']
+__all__ = ['SECRET_SETTINGS', 'URL_SETTINGS', 'TRACER_NAME', 'STAGE_OBSERVERS', 'GLOSSARY', 'app', 'bench_app', 'MAX_PATH_CHARS',
+           'MAX_NAME_CHARS', 'GLOB_CHARS', 'PATH_ROLES', 'DEMO_STEPS', 'MORE_CHECKS', 'Settings', 'mask_credentials',
+           'get_settings', 'bearer_matches', 'workspace', 'workspace_lock', 'embedded_postgres', 'pg_url',
+           'ensure_vector_extension', 'pg_connect', 'mlflow_uri', 'mlflow_experiment', 'minilm_path', 'load_minilm',
+           'gemma_gguf_path', 'Completion', 'LlamaCppLLM', 'TransformersLLM', 'llama_cpp_available', 'load_llm',
+           'tracer', 'traced', 'StageTimer', 'latency_summary', 'glossary_markdown', 'main', 'BadInput', 'checked_path',
+           'path_option', 'path_argument', 'demo_step', 'demo', 'Check', 'doctor_checks', 'doctor']
 
 # %% ../nbs/00_core.ipynb #4b0372c3
 class Settings(BaseSettings):
@@ -307,7 +307,7 @@ def load_llm(runtime: Literal["auto", "llama-cpp", "transformers"] | None = None
     if runtime == "auto": runtime = "llama-cpp" if llama_cpp_available() else "transformers"
     return LlamaCppLLM() if runtime == "llama-cpp" else TransformersLLM()
 
-# %% ../nbs/00_core.ipynb #8a595622
+# %% ../nbs/00_core.ipynb #3de694e3
 TRACER_NAME = "loyaltylens"  # the instrumentation scope of every span LoyaltyLens opens
 
 @lru_cache(maxsize=None)
@@ -316,16 +316,31 @@ def tracer():
     from opentelemetry import trace
     return trace.get_tracer(TRACER_NAME)
 
+@contextmanager
+def traced(name: str,  # the span's name
+           attributes: dict | None = None):  # its attributes
+    "A span of LoyaltyLens, unless its trace was sampled out: then none is made (an unsampled call costs its root span only)."
+    from opentelemetry import trace
+    parent = trace.get_current_span()
+    if parent.get_span_context().is_valid and not parent.is_recording(): yield parent; return
+    with tracer().start_as_current_span(name, attributes=attributes) as span: yield span
+
+# %% ../nbs/00_core.ipynb #084b8b33
+STAGE_OBSERVERS: list = []  # fn(stage, seconds), called as each timed stage ends: how an app's metrics see every call (notebook 07b)
+
 class StageTimer:
     "Wall-clock milliseconds per named stage: `with timer('features'): ...`; repeated stages accumulate. Each stage is also a span."
     def __init__(self): self.ms: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, stage: str):  # name of the stage being timed
-        with tracer().start_as_current_span(stage, attributes={"loyaltylens.stage": stage}):
+        with traced(stage, {"loyaltylens.stage": stage}):
             t = time.perf_counter()
             try: yield
-            finally: self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - t) * 1000
+            finally:
+                seconds = time.perf_counter() - t
+                self.ms[stage] = self.ms.get(stage, 0.0) + seconds * 1000
+                for observe in STAGE_OBSERVERS: observe(stage, seconds)
 
     @property
     def total_ms(self) -> float: return sum(self.ms.values())

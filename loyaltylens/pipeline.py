@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .core import (BadInput, StageTimer, app, bearer_matches, bench_app, demo_step, get_settings, latency_summary, load_llm, load_minilm,
-                              minilm_path, tracer, workspace, workspace_lock)
+                              minilm_path, traced, workspace, workspace_lock)
 from . import features as fs, generation as gen, propensity as prop, retrieval as ret
 
 # %% auto #0
@@ -383,7 +383,7 @@ def run_for_customer(self: LoyaltyLensPipeline, customer_id: str,  # a customer 
                      score: Callable | None = None) -> PipelineResult:  # brand-scores copies; None = `generation.brand_scores`
     "Features, propensity, eligible offers, copy for the top offer with its checks, and per-stage latency in ms."
     timer = StageTimer()
-    with tracer().start_as_current_span("pipeline", attributes={"loyaltylens.copy": copy}) as span:  # one trace per call, a span per stage
+    with traced("pipeline", {"loyaltylens.copy": copy}) as span:  # one trace per call, a span per stage
         version, t = self.snapshot(as_of)
         with timer("features"):
             try: feats = self.store.get(customer_id, version)
@@ -930,7 +930,8 @@ def create_app() -> FastAPI:
             api.state.serving = None
             await run_in_threadpool(serving.close)
 
-    api = FastAPI(title="LoyaltyLens", version=loyaltylens.__version__, description="Every module's API in one app.", lifespan=lifespan)
+    api = FastAPI(title="LoyaltyLens", version=loyaltylens.__version__, description="Every module's API in one app.", lifespan=lifespan,
+                  telemetry={"operation_spans": False})  # FastAPI opens the server span; spans per dependency, endpoint and serialization would each cost a recorded span (07b)
     api.state.api_token, api.state.serving = settings.api_token or "", None  # read once: settings cost milliseconds per read
     routers = module_routers()
     for r in routers.values(): api.include_router(r, dependencies=[Depends(require_token)])

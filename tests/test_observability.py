@@ -174,7 +174,7 @@ def served_app(pipeline):
     "`loyaltylens serve` on the SMOKE world as a real process, instrumented; its base URL."
     from loyaltylens.pipeline import serve_process, stop_process
     proc, url = serve_process({"LOYALTYLENS_SMOKE": "1", "LOYALTYLENS_STORE_BACKEND": "memory", "LOYALTYLENS_LLM_BACKEND": "local",
-                               "LOYALTYLENS_OBSERVABILITY": "1", "LOYALTYLENS_API_TOKEN": ""}, timeout=300)
+                               "LOYALTYLENS_OBSERVABILITY": "1", "LOYALTYLENS_API_TOKEN": "", "LOYALTYLENS_TRACE_SAMPLE_RATIO": "1"}, timeout=300)
     yield url
     stop_process(proc)
 
