@@ -107,7 +107,7 @@ class SpanMetrics(SpanProcessor):
 # %% ../nbs/07b_observability.ipynb #15e7bfba
 class SpanSinks(SpanProcessor):
     "Where finished spans go: processors added and removed while the process runs (its tracer provider can be set only once)."
-    def __init__(self): self.processors, self._lock, self.sample_ratio = (), threading.Lock(), 1.0  # share of traces recorded and exported
+    def __init__(self): self.processors, self._lock, self.sample_ratio = (), threading.Lock(), 1.0  # share of root spans sampled; an app sets its configured ratio while it runs
     def add(self, p: SpanProcessor):
         with self._lock: self.processors = (*self.processors, p)
     def remove(self, p: SpanProcessor):
@@ -118,9 +118,8 @@ class SpanSinks(SpanProcessor):
         for p in self.processors: p.on_end(span)
     def force_flush(self, timeout_millis: int = 30_000) -> bool: return all([p.force_flush(timeout_millis) for p in self.processors])
 
-
 # %% ../nbs/07b_observability.ipynb #c8eed0e9
-COUNTED_SPAN_ATTRIBUTE = "loyaltylens.prompt.version"  # the LLM span opens with it: recorded for the copy counters even when its call is not traced
+COUNTED_SPAN_ATTRIBUTE = "loyaltylens.prompt.version"  # the LLM span opens with it (its token counts come only as it ends): recorded for the copy counters, traced or not
 
 def span_sinks() -> SpanSinks:
     "The process's span sinks; the first call installs the SDK tracer provider and its sampler (then LoyaltyLens spans record while a sink listens)."
@@ -449,11 +448,11 @@ OVERHEAD_MAX_RATIO = 1.05  # non-LLM pipeline call: p50 with instrumentation / w
 OVERHEAD_ROUTES = {"features": ("GET", "/features/{}", "/features/{customer_id}"),  # the non-LLM calls timed: method, path, route template
                    "pipeline": ("POST", "/pipeline/{}?copy=false", "/pipeline/{customer_id}")}
 OVERHEAD_MODES = {"off": {"LOYALTYLENS_OBSERVABILITY": "0"},  # the baseline: no middleware, no spans
-                  "on": {"LOYALTYLENS_OBSERVABILITY": "1"},  # as deployed: every request counted, the configured share traced
+                  "on": {"LOYALTYLENS_OBSERVABILITY": "1"},  # as deployed: every request counted, the configured share traced (set by the benchmark)
                   "all_traced": {"LOYALTYLENS_OBSERVABILITY": "1", "LOYALTYLENS_TRACE_SAMPLE_RATIO": "1"}}  # every request traced
 OVERHEAD_WARM = 20  # untimed requests per route and server first (caches, connections)
 
-def _paired(clients: dict, ids: list[str], n: int, first: int) -> pd.DataFrame:
+def _interleaved_p50s(clients: dict, ids: list[str], n: int, first: int) -> pd.DataFrame:
     "`n` requests per route to every server in turn (who starts rotates, from `first`); the p50 round trip per server and route, µs."
     us, modes = {(mode, route): [] for mode in clients for route in OVERHEAD_ROUTES}, list(clients)
     for i in range(n):
@@ -474,16 +473,17 @@ def bench_observability(n: int = 300,  # request rounds per route in each repeat
     from loyaltylens.pipeline import LoyaltyLensPipeline, serve_process, stop_process
     smoke = get_settings().smoke_mode if smoke is None else smoke
     ids = LoyaltyLensPipeline(smoke, precompute="load").sample_customers(200)
-    env = {"LOYALTYLENS_SMOKE": "1" if smoke else "0", "LOYALTYLENS_LLM_BACKEND": "local"}
+    ratio = ObservabilitySettings().trace_sample_ratio  # the configured share, pinned for every server (all_traced overrides it)
+    env = {"LOYALTYLENS_SMOKE": "1" if smoke else "0", "LOYALTYLENS_LLM_BACKEND": "local", "LOYALTYLENS_TRACE_SAMPLE_RATIO": str(ratio)}
     servers, clients, per_repeat = {}, {}, []
     try:
         for mode, flags in OVERHEAD_MODES.items():
             servers[mode] = serve_process({**env, **flags}, timeout=300)
             clients[mode] = httpx.Client(base_url=servers[mode][1], timeout=60)
-        _paired(clients, ids, OVERHEAD_WARM, 0)
+        _interleaved_p50s(clients, ids, OVERHEAD_WARM, 0)
         cpu_s = lambda mode: sum(psutil.Process(servers[mode][0].pid).cpu_times()[:2])  # user + system seconds of the server process
         cpu_before = {mode: cpu_s(mode) for mode in servers}
-        for rep in range(repeats): per_repeat.append(_paired(clients, ids, n, rep).assign(repeat=rep))
+        for rep in range(repeats): per_repeat.append(_interleaved_p50s(clients, ids, n, rep).assign(repeat=rep))
         cpu_us = {mode: (cpu_s(mode) - cpu_before[mode]) * 1e6 / (n * repeats * len(OVERHEAD_ROUTES)) for mode in servers}  # per request, both routes
         scraped = scrape(clients["on"].get("/metrics").text)
         counted = {r: sample(scraped, "loyaltylens_http_requests_total", route=template) for r, (_, _, template) in OVERHEAD_ROUTES.items()}
@@ -496,7 +496,7 @@ def bench_observability(n: int = 300,  # request rounds per route in each repeat
     table = t.drop(columns="repeat").groupby("route").median()
     at = lambda route, col: float(table.loc[route, col])
     return dict(table=table, per_repeat=t, n=n, repeats=repeats, smoke=smoke, counted=counted, off_metrics_status=off_status,
-                sample_ratio=ObservabilitySettings().trace_sample_ratio, load_avg_1m=os.getloadavg()[0], cpu_us_per_request=cpu_us,
+                sample_ratio=ratio, load_avg_1m=os.getloadavg()[0], cpu_us_per_request=cpu_us,
                 features_added_us=at("features", "on_added_us"), features_ratio=at("features", "on_ratio"),
                 pipeline_ratio=at("pipeline", "on_ratio"), pipeline_added_us=at("pipeline", "on_added_us"), cpu_added_us=cpu_us["on"] - cpu_us["off"],
                 all_traced_features_added_us=at("features", "all_traced_added_us"), all_traced_pipeline_ratio=at("pipeline", "all_traced_ratio"))
