@@ -1,4 +1,4 @@
-"""Beyond the series — when one machine is not enough. The six features and the ASOF training set of notebook 01, expressed once more for Spark, proven identical to DuckDB row for row, written as Parquet snapshots the feature store serves, batch-scored with `mapInPandas`, and the crossover between the two engines measured rather than assumed.
+"""Beyond the series — when one machine is not enough. The six features and the ASOF training set of notebook 01 (each training row joined to the latest snapshot *as of* its moment), expressed once more for Spark, proven identical to DuckDB row for row, written as Parquet snapshots the feature store serves, batch-scored with `mapInPandas`, and the crossover between the two engines measured rather than assumed.
 
 Docs: https://loyaltylens.github.io/loyaltylens/features_at_scale.html.md"""
 
@@ -22,12 +22,13 @@ from .features import (FEATURE_COLUMNS, SNAPSHOT_ENGINES, DataValidationError, F
 # %% auto #0
 __all__ = ['JAVA_MIN_MAJOR', 'JAVA_FIX', 'MASTER_FIX', 'MASTER_CONNECT_TIMEOUT_S', 'SPARK_CONF', 'LOCAL_CONF', 'DRIVER_MEMORY',
            'EVENT_SCHEMA', 'EVENT_SCHEMA_COLUMNS', 'SPARK_DIALECT', 'SUM_RTOL', 'EXACT_COLUMNS', 'DST_CUTOFF',
-           'SCORE_SCHEMA', 'BENCH_SIZES', 'SMOKE_SIZES', 'CAPACITY_MEMBERS', 'SNAPSHOT_DEADLINE_S', 'EXECUTOR_CORES',
-           'SparkUnavailable', 'java_executable', 'java_version', 'check_master', 'spark_session', 'events_location',
-           'read_events', 'check_events', 'to_spark_sql', 'spark_features', 'compare_features', 'edge_events',
-           'write_snapshot', 'build_spark_snapshots', 'spark_asof', 'spark_labels', 'spark_training_set',
-           'spark_scores', 'duckdb_profile', 'PeakRSS', 'measure_build', 'bench_scale', 'plot_crossover',
-           'crossover_verdict', 'capacity_estimate', 'cli_bench_scale', 'engines_agree', 'duckdb_build_rate']
+           'SCORE_SCHEMA', 'BENCH_SIZES', 'SMOKE_SIZES', 'BENCH_MONTHS', 'CAPACITY_MEMBERS', 'SNAPSHOT_DEADLINE_S',
+           'EXECUTOR_CORES', 'SparkUnavailable', 'java_executable', 'java_version', 'check_master', 'session_conf',
+           'spark_session', 'events_location', 'read_events', 'check_events', 'to_spark_sql', 'spark_features',
+           'compare_features', 'edge_events', 'write_snapshot', 'build_spark_snapshots', 'spark_asof', 'spark_labels',
+           'spark_training_set', 'spark_scores', 'duckdb_profile', 'PeakRSS', 'duckdb_features', 'measure_build',
+           'local_cores', 'bench_scale', 'plot_crossover', 'crossover_verdict', 'capacity_estimate', 'cli_bench_scale',
+           'engines_agree', 'duckdb_build_rate']
 
 # %% ../nbs/01b_features_at_scale.ipynb #f0f50040
 JAVA_MIN_MAJOR = 17  # Spark 4 runs on Java 17 or 21
@@ -76,31 +77,41 @@ def check_master(master: str) -> str:  # e.g. "local[2]", "spark://10.0.0.5:7077
     return master
 
 # %% ../nbs/01b_features_at_scale.ipynb #666dc039
-SPARK_CONF = {  # every session, wherever it runs
-    "spark.sql.session.timeZone": "UTC",  # literals, day boundaries and printed timestamps in UTC, as DuckDB's session here
+SPARK_CONF = {  # every session, local or on a cluster
+    "spark.sql.session.timeZone": "UTC",  # literals, day boundaries and printed timestamps in UTC, as in notebook 01's DuckDB sessions
     "spark.ui.enabled": "false",  # no web UI: no port opened
     "spark.ui.showConsoleProgress": "false",  # no progress bars drawn over the output
-    "spark.sql.shuffle.partitions": "8",  # a few tasks per shuffle on two cores; a cluster job sets its own
     "spark.sql.execution.arrow.pyspark.enabled": "true",  # pandas <-> Spark through Arrow (toPandas, createDataFrame)
 }
-LOCAL_CONF = {"spark.driver.bindAddress": "127.0.0.1", "spark.driver.host": "127.0.0.1"}  # local mode: loopback only
+LOCAL_CONF = {  # local[…] masters only
+    "spark.driver.bindAddress": "127.0.0.1", "spark.driver.host": "127.0.0.1",  # loopback only: unreachable from the network
+    "spark.sql.shuffle.partitions": "8",  # a few tasks per shuffle on two cores; a cluster job keeps its own
+}
+
+def session_conf(master: str,  # the master URL
+                 conf: dict | None = None) -> dict:  # the job's own settings, which win
+    "The settings a session on `master` starts with: SPARK_CONF everywhere, LOCAL_CONF on a local[…] master, then `conf`."
+    return {**SPARK_CONF, **(LOCAL_CONF if master.startswith("local") else {}), **(conf or {})}
+
+# %% ../nbs/01b_features_at_scale.ipynb #d2bbc116
 DRIVER_MEMORY = "2g"  # the driver JVM's heap; in local mode the executors share it
 
 def spark_session(master: str = "local[2]",  # where the executors are (see `check_master`)
                   conf: dict | None = None):  # more Spark settings, e.g. {"spark.executor.memory": "8g"} on a cluster
-    "The process's SparkSession on `master` with SPARK_CONF (reused when one is running); Java and the master are checked first."
+    "The process's SparkSession on `master` with `session_conf` (reused when one is running); Java and the master are checked first."
     try: from pyspark.sql import SparkSession
     except ImportError: raise SparkUnavailable("pyspark is not installed: pip install 'loyaltylens[spark]'") from None
     java_version(); check_master(master)
+    settings = session_conf(master, conf)
     if (active := SparkSession.getActiveSession()) is not None:
         if active.sparkContext.master != master:
             raise SparkUnavailable(f"this process already runs a Spark session on {active.sparkContext.master}; stop it first to use {master}")
-        for k, v in SPARK_CONF.items():
-            if not k.startswith("spark.ui"): active.conf.set(k, v)
+        for k, v in settings.items():
+            if k.startswith("spark.sql."): active.conf.set(k, v)  # the SQL settings can change; the rest were fixed at its start
         return active
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers run this interpreter (and so import loyaltylens)
+    if master.startswith("local"): os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # local workers run this interpreter
     builder = SparkSession.builder.master(master).appName("loyaltylens").config("spark.driver.memory", DRIVER_MEMORY)
-    for k, v in {**SPARK_CONF, **(LOCAL_CONF if master.startswith("local") else {}), **(conf or {})}.items(): builder = builder.config(k, v)
+    for k, v in settings.items(): builder = builder.config(k, v)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
@@ -164,8 +175,8 @@ def compare_features(a: pd.DataFrame, b: pd.DataFrame) -> dict:  # two snapshots
     out = {"customers": len(both), "only_a": int((m._merge == "left_only").sum()), "only_b": int((m._merge == "right_only").sum())}
     for c in FEATURE_COLUMNS:
         x, y = both[f"{c}_a"], both[f"{c}_b"]
-        same = (x == y) if c in EXACT_COLUMNS else np.isclose(x.astype(float), y.astype(float), rtol=SUM_RTOL, atol=0)
-        out[c] = int((~same).sum())
+        equal = (x == y) if c in EXACT_COLUMNS else np.isclose(x.astype(float), y.astype(float), rtol=SUM_RTOL, atol=0)
+        out[c] = int((~equal).sum())
     out["mismatches"] = out["only_a"] + out["only_b"] + sum(out[c] for c in FEATURE_COLUMNS)
     return out
 
@@ -248,7 +259,7 @@ def build_spark_snapshots(store: FeatureStore,  # where the versions go
 SNAPSHOT_ENGINES["spark"] = build_spark_snapshots
 
 # %% ../nbs/01b_features_at_scale.ipynb #374d7e1c
-def spark_asof(spark, snapshots,  # a SparkSession; snapshot rows: customer_id, as_of, FEATURE_COLUMNS (e.g. read from the Parquet root)
+def spark_asof(snapshots,  # snapshot rows: customer_id, as_of, FEATURE_COLUMNS (e.g. read from the Parquet root)
                requests):  # Spark DataFrame: _row, customer_id, timestamp
     "Per request, the features and `as_of` of the customer's latest snapshot with as_of <= timestamp (nulls when none): union + window."
     from pyspark.sql import Window, functions as F
@@ -261,7 +272,7 @@ def spark_asof(spark, snapshots,  # a SparkSession; snapshot rows: customer_id, 
             .where("side = 1").select("_row", "snap.*"))
 
 # %% ../nbs/01b_features_at_scale.ipynb #765cfb51
-def spark_labels(spark, events, requests,  # a SparkSession; events (Spark DataFrame); requests: _row, customer_id, timestamp
+def spark_labels(events, requests,  # events (Spark DataFrame); requests: _row, customer_id, timestamp
                  horizon_days: int = 30):  # the label window [timestamp, timestamp + horizon)
     "Per request, `label` = 1 if the customer redeems within the window, else 0 (a range join on the customer)."
     from pyspark.sql import functions as F
@@ -278,7 +289,7 @@ def spark_training_set(spark, snapshots, entity_df: pd.DataFrame,  # snapshot ro
     req = spark.createDataFrame(ent[["customer_id", "timestamp"]].reset_index(drop=True).reset_index(names="_row"),
                                 "_row long, customer_id string, timestamp timestamp")
     ev = events if hasattr(events, "createOrReplaceTempView") else read_events(spark, events)
-    out = spark_asof(spark, snapshots, req).join(spark_labels(spark, ev, req, horizon_days), "_row").toPandas()
+    out = spark_asof(snapshots, req).join(spark_labels(ev, req, horizon_days), "_row").toPandas()
     out = out.sort_values("_row").set_index("_row").reindex(range(len(ent)))
     out["as_of"] = pd.to_datetime(out.as_of).dt.tz_localize("UTC").dt.as_unit("us")  # Spark hands back session-zone (UTC) wall time; µs as DuckDB
     for c in ("recency_days", "frequency_30d"): out[c] = out[c].astype("Int64")  # counts stay integers, missing is <NA> (as DuckDB's)
@@ -292,7 +303,7 @@ SCORE_SCHEMA = "customer_id string, score double"
 def spark_scores(spark, features,  # a SparkSession; rows with customer_id + FEATURE_COLUMNS (a Spark DataFrame)
                  model):  # anything with .predict(DataFrame) -> probabilities, e.g. notebook 02's PropensityModel
     "Score every row in the Spark workers: `model.predict` on each Arrow batch via mapInPandas, one torch thread per task."
-    from pyspark import cloudpickle  # unlike pickle, it ships classes defined inside functions (the TabTransformer is one)
+    from pyspark import cloudpickle  # ships classes defined in functions, as notebook 02's TabTransformer (a transformer over table columns)
     shipped = spark.sparkContext.broadcast(cloudpickle.dumps(model))
     def score(batches):
         import pickle
@@ -322,15 +333,15 @@ def duckdb_profile(events,  # a World, Parquet file/folder/glob, or DataFrame
                 op = todo.pop(); todo += op.get("children", [])
                 rows.append(dict(step=step, operator=op["name"], seconds=op.get("timing", 0.0), rows=op.get("intermediate_rows", 0)))
     finally: con.close()
-    df = pd.DataFrame(rows).groupby(["step", "operator"], as_index=False).agg(seconds=("seconds", "sum"), rows=("rows", "max"))
-    df["share"] = df.seconds / df.seconds.sum()
-    return df.sort_values("seconds", ascending=False).reset_index(drop=True)
+    ops = pd.DataFrame(rows).groupby(["step", "operator"], as_index=False).agg(seconds=("seconds", "sum"), rows=("rows", "max"))
+    ops["share"] = ops.seconds / ops.seconds.sum()
+    return ops.sort_values("seconds", ascending=False).reset_index(drop=True)
 
 # %% ../nbs/01b_features_at_scale.ipynb #5f1b2fe6
 class PeakRSS:
-    "Peak resident memory (MB) of this process, plus its children (e.g. the Spark JVM) when asked, sampled in a thread inside a `with` block."
+    "Resident memory (MB) of this process, plus its children (e.g. the Spark JVM) when asked, sampled in a thread inside a `with` block."
     def __init__(self, children: bool = True, every_s: float = 0.05):  # count child processes; sampling period
-        self.children, self.every_s, self.peak_mb = children, every_s, 0.0
+        self.children, self.every_s, self.base_mb, self.peak_mb = children, every_s, 0.0, 0.0
     def _sample(self) -> float:
         import psutil
         me = psutil.Process()
@@ -343,25 +354,44 @@ class PeakRSS:
     def _run(self):
         while not self._stop.wait(self.every_s): self.peak_mb = max(self.peak_mb, self._sample())
     def __enter__(self):
-        self.peak_mb, self._stop = self._sample(), threading.Event()
+        self.base_mb = self.peak_mb = self._sample()  # the baseline: what was resident before the block
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True); self._thread.start()
         return self
     def __exit__(self, *exc):
         self._stop.set(); self._thread.join(); self.peak_mb = max(self.peak_mb, self._sample())
+    @property
+    def added_mb(self) -> float:
+        "The peak minus the baseline: what the block added."
+        return self.peak_mb - self.base_mb
 
 # %% ../nbs/01b_features_at_scale.ipynb #dea43a49
+def duckdb_features(events,  # a World, Parquet file/folder/glob, or DataFrame
+                    as_of,  # the snapshot moment
+                    threads: int) -> pd.DataFrame:  # DuckDB's worker threads (the benchmark gives it the Spark master's cores)
+    "`compute_features` (event checks included) on a DuckDB connection limited to `threads` threads."
+    from loyaltylens.features import _events_source, validate_events
+    con = _duck()
+    try:
+        con.execute(f"SET threads = {int(threads)}")
+        _events_source(con, events); validate_events(con)
+        return con.execute(_FEATURE_SQL, _feature_params(_as_of(as_of))).df()
+    finally: con.close()
+
+# %% ../nbs/01b_features_at_scale.ipynb #0bf5840f
 def measure_build(engine: str,  # "duckdb" or "spark"
                   world: World,  # the events
                   spark=None,  # a SparkSession, for engine="spark"
+                  threads: int = 2,  # DuckDB's threads: the Spark master's cores
                   repeats: int = 1) -> dict:  # builds to time; the median is reported
-    "Build `world`'s end-of-world snapshot (checks + features + Parquet) with one engine: median wall time, events/s, peak memory."
+    "Build `world`'s end-of-world snapshot (checks + features + Parquet) with one engine: median wall time, events/s, memory added."
     if engine not in ("duckdb", "spark"): raise ValueError(f"engine: {engine!r} is not duckdb or spark")
     out, walls = workspace("bench", "scale") / f"{engine}-{world.root.name}", []
     with PeakRSS(children=engine == "spark") as mem:  # DuckDB runs in this process; an idle JVM beside it is not its memory
         for _ in range(repeats):
             shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
             t0 = time.perf_counter()
-            if engine == "duckdb": compute_features(world, world.end).to_parquet(out / "features.parquet", index=False)
+            if engine == "duckdb": duckdb_features(world, world.end, threads).to_parquet(out / "features.parquet", index=False)
             else:
                 ev = read_events(spark, world); check_events(spark, ev)
                 write_snapshot(spark, spark_features(spark, ev, world.end), str(out / "snapshots"), world.end)
@@ -369,46 +399,55 @@ def measure_build(engine: str,  # "duckdb" or "spark"
     shutil.rmtree(out, ignore_errors=True)
     wall = float(np.median(walls))
     return dict(engine=engine, customers=world.config["customers"], events=world.stats["events"], wall_s=wall,
-                events_per_s=world.stats["events"] / wall, peak_rss_mb=mem.peak_mb)
+                events_per_s=world.stats["events"] / wall, base_mb=mem.base_mb, added_mb=mem.added_mb)
+
+# %% ../nbs/01b_features_at_scale.ipynb #47e49c4c
+def local_cores(master: str) -> int:  # a local master URL: "local", "local[2]", "local[*]", "local[2,3]"
+    "The cores a local master runs tasks on; ValueError for a cluster, whose cores a one-computer benchmark cannot give DuckDB."
+    if not master.startswith("local"):
+        raise ValueError(f"bench scale compares the engines on one computer: use a local master (local[2], local[*]), not {master!r}")
+    m = re.match(r"local\[(\d+|\*)", master)
+    return 1 if m is None else os.cpu_count() if m[1] == "*" else int(m[1])
 
 # %% ../nbs/01b_features_at_scale.ipynb #377bb676
 BENCH_SIZES = (20_000, 200_000, 1_000_000)  # customers: `loyaltylens bench scale`, default scale
 SMOKE_SIZES = (2_000, 5_000, 10_000)  # customers: the lesson's SMOKE run (shape only; the crossover needs the big sizes)
+BENCH_MONTHS = 12  # length of the benchmark's worlds
 
 def bench_scale(sizes=BENCH_SIZES,  # world sizes in customers
-                master: str = "local[2]",  # the Spark master
-                months: int = 12,  # world length
+                master: str = "local[2]",  # a local Spark master (its cores are DuckDB's threads)
+                months: int = BENCH_MONTHS,  # world length
                 repeats: int = 1) -> pd.DataFrame:  # builds per engine and size (median)
-    "DuckDB and Spark build the same snapshots at each size; one row per (engine, size). Worlds are cached in workspace/bench."
+    "DuckDB and Spark build the same snapshots on the same cores at each size; one row per (engine, size). Worlds are cached in workspace/bench."
+    cores = local_cores(master)  # a cluster master is refused before any JVM starts
     spark_start = time.perf_counter(); spark = spark_session(master); spark_start = time.perf_counter() - spark_start
     rows = []
     for k, n in enumerate(sizes):
         w = generate_world(n, months, out=workspace("bench", f"world-{n}-{months}"), progress=True)
+        if n == max(sizes): largest = w
         if k == 0:  # warm-up, not recorded: the JVM compiles its hot paths and Spark starts its Python workers on the first job
-            for engine in ("duckdb", "spark"): measure_build(engine, w, spark)
+            for engine in ("duckdb", "spark"): measure_build(engine, w, spark, threads=cores)
         for engine in ("duckdb", "spark"):
-            rows.append(measure_build(engine, w, spark, repeats))
+            rows.append(measure_build(engine, w, spark, threads=cores, repeats=repeats))
             print(f"  {engine:<6} {n:>10,} customers {rows[-1]['events']:>12,} events: {rows[-1]['wall_s']:8.1f}s "
-                  f"{rows[-1]['events_per_s'] / 1e6:6.2f}M events/s, peak {rows[-1]['peak_rss_mb']:,.0f} MB", flush=True)
-    df = pd.DataFrame(rows)
-    df.attrs.update(master=spark.sparkContext.master, spark_session_s=spark_start, cores=_master_cores(spark.sparkContext.master))
-    return df
-
-def _master_cores(master: str) -> int:  # "local[2]" -> 2; local[*] and clusters -> the local computer's cores
-    m = re.match(r"local\[(\d+)", master)
-    return int(m[1]) if m else 1 if master == "local" else os.cpu_count()
+                  f"{rows[-1]['events_per_s'] / 1e6:6.2f}M events/s, {rows[-1]['added_mb']:,.0f} MB added", flush=True)
+    bench = pd.DataFrame(rows)
+    bench.attrs.update(master=spark.sparkContext.master, spark_session_s=spark_start, cores=cores, largest_world=str(largest.root))
+    return bench
 
 # %% ../nbs/01b_features_at_scale.ipynb #50d1e39a
 def plot_crossover(bench: pd.DataFrame):  # rows of `bench_scale`
-    "Three panels against the events per snapshot (log axes): events/s, wall time and peak memory per engine."
+    "Three panels against the events per snapshot (log x): events/s and wall time (log y), memory added by the build, per engine."
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for engine, g in bench.sort_values("events").groupby("engine"):
-        for ax, col in zip(axes, ["events_per_s", "wall_s", "peak_rss_mb"]): ax.plot(g.events, g[col], "o-", label=engine)
-    for ax, title in zip(axes, ["events per second", "wall time, s", "peak memory, MB (Spark: with its JVM)"]):
-        ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlabel("events in the snapshot's history"); ax.set_title(title); ax.grid(alpha=0.3)
+        for ax, col in zip(axes, ["events_per_s", "wall_s", "added_mb"]): ax.plot(g.events, g[col], "o-", label=engine)
+    for ax, title in zip(axes, ["events per second", "wall time, s", "memory added by the build, MB (Spark: with its JVM)"]):
+        ax.set_xscale("log"); ax.set_xlabel("events in the snapshot's history"); ax.set_title(title); ax.grid(alpha=0.3)
+    for ax in axes[:2]: ax.set_yscale("log")  # the added memory may be 0: a linear axis
     axes[0].legend()
-    fig.suptitle(f"DuckDB in process vs Spark {bench.attrs.get('master', '')}: the same snapshot"); fig.tight_layout()
+    fig.suptitle(f"DuckDB in process vs Spark {bench.attrs.get('master', '')}, {bench.attrs.get('cores', '?')} cores each: the same snapshot")
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/01b_features_at_scale.ipynb #6f6e6c23
@@ -426,22 +465,25 @@ CAPACITY_MEMBERS = 50_000_000  # a large loyalty program
 SNAPSHOT_DEADLINE_S = 3_600  # a monthly snapshot should take at most an hour
 EXECUTOR_CORES = 4  # cores per executor on the imagined cluster
 
-def capacity_estimate(bench: pd.DataFrame,  # rows of `bench_scale`
+def capacity_estimate(bench: pd.DataFrame,  # rows of `bench_scale` (attrs["cores"]: the cores of its Spark master)
                       world: World,  # a measured world: events per member and bytes per event
                       members: int = CAPACITY_MEMBERS, deadline_s: float = SNAPSHOT_DEADLINE_S, executor_cores: int = EXECUTOR_CORES) -> dict:
-    "Events, memory and time of one snapshot at `members`, from the measured rates and the world's bytes per event."
+    "One snapshot at `members` from the rates measured at the largest size: events, memory, DuckDB's time, Spark's cores (linear scaling)."
     import psutil, pyarrow.parquet as pq
     part = sorted(world.events_path.glob("*.parquet"))[0]
     table = pq.read_table(part)
-    events = round(members * world.stats["events"] / world.config["customers"])
-    top = bench[bench.customers == bench.customers.max()].set_index("engine")
-    spark_per_core = top.loc["spark", "events_per_s"] / bench.attrs.get("cores", 2)
-    cores = int(np.ceil(events / (spark_per_core * deadline_s)))
-    return {"members": members, "events per snapshot": events, "Arrow GB in memory": events * table.nbytes / table.num_rows / 1e9,
-            "Parquet GB on disk": events * part.stat().st_size / table.num_rows / 1e9, "local memory GB": psutil.virtual_memory().total / 1e9,
-            "DuckDB hours (measured rate)": events / top.loc["duckdb", "events_per_s"] / 3600,
-            "Spark events/s per core": spark_per_core, f"cores for {deadline_s / 3600:g} h": cores,
-            f"executors of {executor_cores} cores": int(np.ceil(cores / executor_cores))}
+    per_member, arrow_per_event = world.stats["events"] / world.config["customers"], table.nbytes / table.num_rows
+    rate = bench[bench.customers == bench.customers.max()].set_index("engine").events_per_s  # events/s per engine, largest size
+    spark_per_core, memory = rate["spark"] / bench.attrs["cores"], psutil.virtual_memory().total
+    events = round(members * per_member)
+    cores = int(np.ceil(events / (spark_per_core * deadline_s)))  # Spark's per-core rate held on any number of cores
+    return {"members": members, "events per snapshot": events, "Arrow GB in memory": events * arrow_per_event / 1e9,
+            "Parquet GB on disk": events * part.stat().st_size / table.num_rows / 1e9, "local memory GB": memory / 1e9,
+            "members filling local memory": round(memory / (per_member * arrow_per_event)), "deadline hours": deadline_s / 3600,
+            "DuckDB hours": float(events / rate["duckdb"] / 3600),
+            "members DuckDB builds within the deadline": round(rate["duckdb"] * deadline_s / per_member),
+            "Spark events/s per core": float(spark_per_core), "cores within the deadline": cores,
+            "executors within the deadline": int(np.ceil(cores / executor_cores))}
 
 # %% ../nbs/01b_features_at_scale.ipynb #a29b19dd
 def _sizes(text: str) -> list[int]:  # "20000,200000,1000000"
@@ -452,17 +494,17 @@ def _sizes(text: str) -> list[int]:  # "20000,200000,1000000"
 
 @bench_app.command("scale")
 def cli_bench_scale(sizes: str = typer.Option(",".join(map(str, BENCH_SIZES)), help="world sizes in customers, comma-separated"),
-                    master: str = typer.Option("local[2]", help="Spark master URL"),
+                    master: str = typer.Option("local[2]", help="a local Spark master (local[2], local[*]); its cores are DuckDB's threads"),
                     repeats: int = typer.Option(1, min=1, help="builds per engine and size (the median is reported)")):
-    "DuckDB vs Spark building the same snapshot at each size: events/s, wall time, peak memory, the plot and a capacity estimate."
+    "DuckDB vs Spark building the same snapshot on the same cores at each size: events/s, wall time, memory added, the plot and a capacity estimate."
     ns = _sizes(sizes)
-    try: bench = bench_scale(ns, master, repeats=repeats)
-    except SparkUnavailable as e: raise BadInput(str(e))
-    capacity = capacity_estimate(bench, World(workspace("bench", f"world-{max(ns)}-12")))
+    try: local_cores(master); bench = bench_scale(ns, master, repeats=repeats)
+    except ValueError as e: raise BadInput(str(e))  # a cluster master, a bad URL, no Java (SparkUnavailable is a ValueError)
+    capacity = capacity_estimate(bench, World(bench.attrs["largest_world"]))
     out = workspace("bench")
     (out / "scale.json").write_text(json.dumps(dict(rows=bench.to_dict("records"), **bench.attrs, capacity=capacity), indent=1, default=float))
     plot_crossover(bench).savefig(out / "scale.png", dpi=110)
-    typer.echo(bench.pivot(index="customers", columns="engine", values=["events_per_s", "wall_s", "peak_rss_mb"]).round(1).to_string())
+    typer.echo(bench.pivot(index="customers", columns="engine", values=["events_per_s", "wall_s", "base_mb", "added_mb"]).round(1).to_string())
     typer.echo(f"\n{crossover_verdict(bench)}\nSpark session start: {bench.attrs['spark_session_s']:.1f}s")
     typer.echo("\ncapacity estimate:\n" + "\n".join(f"  {k}: {v:,.2f}" if isinstance(v, float) else f"  {k}: {v:,}" for k, v in capacity.items()))
     typer.echo(f"\nwritten: {out / 'scale.json'}, {out / 'scale.png'}")

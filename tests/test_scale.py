@@ -1,6 +1,7 @@
-"""Spark (notebook 01b) against DuckDB (notebook 01): the six features on random and hand-made events and on every SMOKE snapshot,
-the ASOF training set row for row, batch scores, the `--engine spark` build served by the store and over HTTP, and the clear
-errors for a bad master URL or a missing Java. One Spark session for the whole run (the `spark` fixture in conftest.py)."""
+"""Spark (notebook 01b) against DuckDB (notebook 01): the six features on random and hand-made events (in a UTC and a Berlin session)
+and on every SMOKE snapshot, the ASOF training set row for row, batch scores, the `--engine spark` build served by the store and
+over HTTP, the settings that stay local, and the clear errors for a bad master URL, a missing Java or a cluster master given to
+the one-computer benchmark. One Spark session for the whole run (the `spark` fixture in conftest.py)."""
 import os, subprocess, sys
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from typer.testing import CliRunner
 from loyaltylens.core import app
 from loyaltylens.features import (CHANNELS, EVENT_TYPES, FeatureStore, _frame, compute_features, default_store, default_world,
                                   monthly_moments, router, served_store)
-from loyaltylens.scale import (DST_CUTOFF, SUM_RTOL, build_spark_snapshots, compare_features, edge_events, read_events, spark_features,
-                               spark_scores, spark_training_set)
+from loyaltylens.scale import (DST_CUTOFF, LOCAL_CONF, SPARK_CONF, SUM_RTOL, build_spark_snapshots, compare_features, edge_events, read_events,
+                               session_conf, spark_features, spark_scores, spark_training_set)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
@@ -48,6 +49,30 @@ def test_edge_cases_match(spark):
     assert compare_features(duck, spk)["mismatches"] == 0, compare_features(duck, spk)
     assert "after_only" not in set(spk.customer_id)  # events at or after t never count
     assert spk.set_index("customer_id").loc["at_cutoff", "frequency_30d"] == 1
+
+
+def test_features_ignore_the_session_time_zone(spark):
+    "The cutoff is an instant, not wall-clock text: a session on Berlin time gives DuckDB's features, DST edge included."
+    ev = edge_events()
+    try:
+        spark.conf.set("spark.sql.session.timeZone", "Europe/Berlin")
+        berlin = spark_features(spark, ev, DST_CUTOFF).toPandas()
+    finally: spark.conf.set("spark.sql.session.timeZone", SPARK_CONF["spark.sql.session.timeZone"])
+    got = compare_features(compute_features(ev, DST_CUTOFF), berlin)
+    assert got["mismatches"] == 0 and {"dst", "at_cutoff"} <= set(berlin.customer_id), got
+
+
+def test_only_local_settings_stay_local():
+    "A cluster session gets SPARK_CONF and its own settings, none of LOCAL_CONF (loopback, shuffle partitions)."
+    cluster = session_conf("spark://10.0.0.5:7077", {"spark.executor.memory": "8g"})
+    assert cluster == {**SPARK_CONF, "spark.executor.memory": "8g"} and not set(LOCAL_CONF) & set(cluster), cluster
+    assert session_conf("local[2]") == {**SPARK_CONF, **LOCAL_CONF}
+
+
+def test_bench_scale_refuses_a_cluster_master():
+    "The benchmark gives DuckDB the master's cores, which only a local master has: a cluster is exit 2, before any JVM starts."
+    r = CliRunner().invoke(app, ["bench", "scale", "--master", "spark://10.0.0.5:7077"])
+    assert r.exit_code == 2 and "use a local master" in r.output, r.output
 
 
 @pytest.mark.parametrize("seed", range(6))
