@@ -15,13 +15,15 @@ import typer
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from filelock import FileLock
+from opentelemetry import propagate
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.trace import SpanKind
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import loyaltylens
-from .core import STAGE_OBSERVERS, bearer_matches, bench_app, get_settings, workspace
+from .core import STAGE_OBSERVERS, bearer_matches, bench_app, get_settings, tracer, workspace
 from . import generation as gen
 
 # %% auto #0
@@ -308,7 +310,7 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # any ot
 FEEDBACK_WRITE = ("POST", "/feedback")  # the route that stores a judgement (module 06)
 
 class ObservedRequests:
-    "ASGI middleware: each HTTP request counted and timed under its route template and status (FastAPI opens its server span)."
+    "ASGI middleware: per HTTP request a server span (sampled like any root, or continuing a `traceparent`), its count and latency under the route template and status."
     def __init__(self, app, metrics: AppMetrics): self.app, self.m = app, metrics  # the wrapped app; where counts go
 
     async def __call__(self, scope, receive, send):
@@ -318,13 +320,17 @@ class ObservedRequests:
             nonlocal status
             if message["type"] == "http.response.start": status = message["status"]
             await send(message)
-        try: await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or UNMATCHED
-            self.m.requests.labels(method, route, str(status)).inc()
-            self.m.latency.labels(method, route, str(status)).observe(time.perf_counter() - t0)
-            if (method, route) == FEEDBACK_WRITE: self.m.feedback_writes.labels(str(status)).inc()
-
+        caller = {"traceparent": v.decode("latin-1") for k, v in scope["headers"] if k == b"traceparent"}  # W3C trace context, when sent
+        with tracer().start_as_current_span(method, context=propagate.extract(caller) if caller else None, kind=SpanKind.SERVER) as span:
+            try: await self.app(scope, receive, send_status)
+            finally:
+                route = getattr(scope.get("route"), "path", None) or UNMATCHED
+                self.m.requests.labels(method, route, str(status)).inc()
+                self.m.latency.labels(method, route, str(status)).observe(time.perf_counter() - t0)
+                if (method, route) == FEEDBACK_WRITE: self.m.feedback_writes.labels(str(status)).inc()
+                if span.is_recording():
+                    span.update_name(f"{method} {route}")
+                    span.set_attributes({"http.request.method": method, "http.route": route, "http.response.status_code": status})
 
 # %% ../nbs/07b_observability.ipynb #1fd1c4b6
 def watch_copy_queue(serving, metrics: AppMetrics):  # the app's `Serving`; where the waits go
@@ -510,13 +516,13 @@ def bench_observability_report(res: dict) -> str:
         f"`loyaltylens serve` processes side by side, one client rotating them request by request over loopback HTTP; {res['n']} rounds per route "
         f"x {res['repeats']} repeats; medians over repeats of the per-repeat p50s (load average {res['load_avg_1m']:.1f} at the end, "
         f"{'SMOKE' if res['smoke'] else 'default'} world)",
-        f"feature lookup: +{res['features_added_us']:.0f} µs at p50 (bar <= {OVERHEAD_MAX_ADDED_US:g} µs: {ok(res['features_added_us'] <= OVERHEAD_MAX_ADDED_US)}); "
+        f"feature lookup: {res['features_added_us']:+.0f} µs at p50 (bar <= {OVERHEAD_MAX_ADDED_US:g} µs: {ok(res['features_added_us'] <= OVERHEAD_MAX_ADDED_US)}); "
         f"ratio {res['features_ratio']:.3f}",
         f"non-LLM pipeline call: on/off p50 ratio {res['pipeline_ratio']:.3f} (bar <= {OVERHEAD_MAX_RATIO}: {ok(res['pipeline_ratio'] <= OVERHEAD_MAX_RATIO)}); "
-        f"+{res['pipeline_added_us']:.0f} µs",
-        f"tracing every request instead: lookup +{res['all_traced_features_added_us']:.0f} µs, pipeline ratio {res['all_traced_pipeline_ratio']:.3f}",
+        f"{res['pipeline_added_us']:+.0f} µs",
+        f"tracing every request instead: lookup {res['all_traced_features_added_us']:+.0f} µs, pipeline ratio {res['all_traced_pipeline_ratio']:.3f}",
         f"server CPU per request (user + system, both routes): " + ", ".join(f"{m} {us:.0f} µs" for m, us in res['cpu_us_per_request'].items())
-        + f" -> +{res['cpu_added_us']:.0f} µs of CPU as deployed (wall-clock figures above include waiting for the shared cores)", "",
+        + f" -> {res['cpu_added_us']:+.0f} µs of CPU as deployed (wall-clock figures above include waiting for the shared cores)", "",
         res["table"].round(3).to_string()])
 
 @bench_app.command("observability")

@@ -931,7 +931,7 @@ def create_app() -> FastAPI:
             await run_in_threadpool(serving.close)
 
     api = FastAPI(title="LoyaltyLens", version=loyaltylens.__version__, description="Every module's API in one app.", lifespan=lifespan,
-                  telemetry={"operation_spans": False})  # FastAPI opens the server span; spans per dependency, endpoint and serialization would each cost a recorded span (07b)
+                  telemetry={"tracing": False})  # 07b's middleware opens a lean server span; FastAPI's own telemetry runs on every request, sampled or not
     api.state.api_token, api.state.serving = settings.api_token or "", None  # read once: settings cost milliseconds per read
     routers = module_routers()
     for r in routers.values(): api.include_router(r, dependencies=[Depends(require_token)])

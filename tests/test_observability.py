@@ -122,6 +122,27 @@ def test_a_pipeline_call_is_one_trace_with_llama_cpp_token_counts(pipeline):
     assert a["gen_ai.usage.output_tokens"] == after.n_eval - n_eval + a["loyaltylens.copy.attempts"], (a, after.n_eval - n_eval)
 
 
+def test_a_callers_trace_continues_and_an_unsampled_request_leaves_no_span(pipeline, smoke_env, monkeypatch):
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    monkeypatch.setenv("LOYALTYLENS_TRACE_SAMPLE_RATIO", "0")  # the app samples nothing itself: only a caller's sampled trace is recorded
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    memory = SimpleSpanProcessor(exporter := InMemorySpanExporter())
+    cid = pipeline.sample_customers(1)[0]
+    with TestClient(create_app()) as client:
+        obs.span_sinks().add(memory)
+        try:
+            assert client.post(f"/pipeline/{cid}?copy=false").status_code == 200
+            sent = client.post(f"/pipeline/{cid}?copy=false", headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"})
+            assert sent.status_code == 200
+        finally: obs.span_sinks().remove(memory)
+    spans = exporter.get_finished_spans()
+    assert {f"{s.context.trace_id:032x}" for s in spans} == {caller_trace}, "only the caller's trace is recorded"
+    assert sorted(s.name for s in spans) == ["POST /pipeline/{customer_id}", "features", "pipeline", "propensity", "retrieval"]
+    server = next(s for s in spans if s.name.startswith("POST"))
+    assert f"{server.parent.span_id:016x}" == caller_span and server.parent.is_remote, server.parent
+
+
 class _Receiver(BaseHTTPRequestHandler):
     "An in-process OTLP/HTTP trace receiver: decodes each ExportTraceServiceRequest and keeps its span names."
     names: list = []
