@@ -476,7 +476,7 @@ def bench_observability(n: int = 300,  # request rounds per route in each repeat
                         smoke: bool | None = None) -> dict:  # the SMOKE world; None = settings
     "Instrumentation off, on as deployed and tracing everything: three `loyaltylens serve` side by side over loopback HTTP, requests interleaved; per-route p50s, ratios, µs added, each server's CPU µs per request."
     import httpx, psutil
-    from loyaltylens.pipeline import LoyaltyLensPipeline, serve_process, stop_process
+    from loyaltylens.pipeline import LoyaltyLensPipeline, serve_process, stop_process, wait_for_table
     smoke = get_settings().smoke_mode if smoke is None else smoke
     ids = LoyaltyLensPipeline(smoke, precompute="load").sample_customers(200)
     ratio = ObservabilitySettings().trace_sample_ratio  # the configured share, pinned for every server (all_traced overrides it)
@@ -486,6 +486,7 @@ def bench_observability(n: int = 300,  # request rounds per route in each repeat
         for mode, flags in OVERHEAD_MODES.items():
             servers[mode] = serve_process({**env, **flags}, timeout=300)
             clients[mode] = httpx.Client(base_url=servers[mode][1], timeout=60)
+        for _, url in servers.values(): wait_for_table(url)  # the served path, not the cold one while a table builds
         _interleaved_p50s(clients, ids, OVERHEAD_WARM, 0)
         cpu_s = lambda mode: sum(psutil.Process(servers[mode][0].pid).cpu_times()[:2])  # user + system seconds of the server process
         cpu_before = {mode: cpu_s(mode) for mode in servers}
