@@ -522,7 +522,7 @@ def bench_observability_report(res: dict) -> str:
         f"non-LLM pipeline call: on/off p50 ratio {res['pipeline_ratio']:.3f} (bar <= {OVERHEAD_MAX_RATIO}: {ok(res['pipeline_ratio'] <= OVERHEAD_MAX_RATIO)}); "
         f"{res['pipeline_added_us']:+.0f} µs",
         f"tracing every request instead: lookup {res['all_traced_features_added_us']:+.0f} µs, pipeline ratio {res['all_traced_pipeline_ratio']:.3f}",
-        f"server CPU per request (user + system, both routes): " + ", ".join(f"{m} {us:.0f} µs" for m, us in res['cpu_us_per_request'].items())
+        "server CPU per request (user + system, both routes): " + ", ".join(f"{m} {us:.0f} µs" for m, us in res['cpu_us_per_request'].items())
         + f" -> {res['cpu_added_us']:+.0f} µs of CPU as deployed (wall-clock figures above include waiting for the shared cores)", "",
         res["table"].round(3).to_string()])
 

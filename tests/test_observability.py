@@ -3,7 +3,7 @@ template and status, with no customer id in any label; a pipeline call is one tr
 time and whose LLM span's token counts equal llama.cpp's own counters; spans reach an OTLP/HTTP receiver; the alert
 rules pass promtool's unit tests; /metrics is token-protected when a token is set; the dashboard's live, trace and feedback
 panels render from a running app, its trace file and a feedback store, and say what is absent when they are not there."""
-import shutil, subprocess, threading, time
+import secrets, shutil, subprocess, threading, time
 from collections import Counter
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -126,7 +126,7 @@ def test_a_callers_trace_continues_and_an_unsampled_request_leaves_no_span(pipel
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     monkeypatch.setenv("LOYALTYLENS_TRACE_SAMPLE_RATIO", "0")  # the app samples nothing itself: only a caller's sampled trace is recorded
-    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    caller_trace, caller_span = secrets.token_hex(16), secrets.token_hex(8)  # the W3C trace id and parent span id a caller sends
     memory = SimpleSpanProcessor(exporter := InMemorySpanExporter())
     cid = pipeline.sample_customers(1)[0]
     with TestClient(create_app()) as client:
