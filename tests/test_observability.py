@@ -3,7 +3,7 @@ template and status, with no customer id in any label; a pipeline call is one tr
 time and whose LLM span's token counts equal llama.cpp's own counters; spans reach an OTLP/HTTP receiver; the alert
 rules pass promtool's unit tests; /metrics is token-protected when a token is set; the dashboard's live, trace and feedback
 panels render from a running app, its trace file and a feedback store, and say what is absent when they are not there."""
-import secrets, shutil, subprocess, threading, time
+import re, secrets, shutil, subprocess, sys, threading, time
 from collections import Counter
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -216,17 +216,22 @@ def judged_store(monkeypatch):
     server.stop()
 
 
-def test_dashboard_panels_show_live_metrics_traces_and_feedback(pipeline, served_app, judged_store, monkeypatch):
-    from streamlit.testing.v1 import AppTest
-    ids, t0 = pipeline.sample_customers(4), time.time_ns()
-    with httpx.Client(base_url=served_app, timeout=60) as c:
+def traced_calls(pipeline, url: str, n: int = 4) -> list[str]:
+    "Send `n` pipeline calls to the app at `url` and wait until the batch exporter has written their traces."
+    ids, t0 = pipeline.sample_customers(n), time.time_ns()
+    with httpx.Client(base_url=url, timeout=60) as c:
         for cid in ids: assert c.post(f"/pipeline/{cid}", params={"copy": "false"}).status_code == 200
     deadline = time.monotonic() + 60  # the batch exporter writes every few seconds
     while time.monotonic() < deadline:
         panel = obs.trace_panel(len(ids))
-        if "data" in panel and (panel["data"]["calls"].started.astype("int64") >= t0).sum() == len(ids): break
+        if "data" in panel and (panel["data"]["calls"].started.astype("int64") >= t0).sum() == len(ids): return ids
         time.sleep(0.5)
-    else: pytest.fail(f"the {len(ids)} pipeline calls never reached the trace file: {panel}")
+    pytest.fail(f"the {len(ids)} pipeline calls never reached the trace file: {panel}")
+
+
+def test_dashboard_panels_show_live_metrics_traces_and_feedback(pipeline, served_app, judged_store, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    ids = traced_calls(pipeline, served_app)
     monkeypatch.setenv("LOYALTYLENS_METRICS_URL", f"{served_app}/metrics")
     at = AppTest.from_file(str(DASH), default_timeout=180).run()
     assert not at.exception, at.exception
@@ -244,6 +249,47 @@ def test_dashboard_panels_show_live_metrics_traces_and_feedback(pipeline, served
     assert len(calls) >= len(ids) and calls.wall_ms.gt(0).all(), calls
     assert at.selectbox[0].value == calls.index[0], "the newest call's waterfall is drawn first"
     assert at.get("image"), "the waterfall is drawn"
+
+
+def test_dashboard_panels_in_headless_chromium(pipeline, served_app, judged_store, monkeypatch, tmp_path):
+    "The same three panels as a reader sees them: streamlit serving the dashboard, read in chromium."
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists(): pytest.skip("no system chromium (.ci/run installs it with apt)")
+    from playwright.sync_api import sync_playwright
+    from loyaltylens.feedback import free_port
+    traced_calls(pipeline, served_app)
+    monkeypatch.setenv("LOYALTYLENS_METRICS_URL", f"{served_app}/metrics")
+    port, log = free_port(), tmp_path / "streamlit.log"
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(DASH), "--server.address", "127.0.0.1", "--server.port", str(port),  # noqa: S603
+                             "--server.headless", "true", "--browser.gatherUsageStats", "false"], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    shot = Path(__file__).resolve().parents[1] / "_runs" / "dashboard-observability.png"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None: pytest.fail(f"streamlit exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).status_code == 200: break
+            except httpx.HTTPError: time.sleep(0.5)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                                          "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1280, "height": 2400})
+            page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+            for text in (*PANELS, "Requests per second, by route", "Pipeline stages, ms", "judgements, last 7 days"):
+                page.get_by_text(text, exact=True).first.wait_for(timeout=180_000)
+            page.locator('[data-testid="stImage"] img, [data-testid="stImage"], img[alt]').last.wait_for(timeout=120_000)  # the waterfall
+            body = page.inner_text("body")
+            shot.parent.mkdir(exist_ok=True)
+            page.get_by_text(PANELS[0], exact=True).first.scroll_into_view_if_needed()  # streamlit scrolls inside its own container
+            page.screenshot(path=str(shot))
+            browser.close()
+        assert re.search(rf"judgements, last 7 days\s+{judged_store}\b", body), body[:3000]  # tables are drawn on a canvas: the metrics are text
+        assert not any(w in body for w in ("no app answers", "no trace file")), body[:2000]
+        assert shot.stat().st_size > 10_000
+    finally:
+        proc.terminate()
+        try: proc.wait(20)
+        except subprocess.TimeoutExpired: proc.kill()
 
 
 def test_dashboard_panels_say_what_is_absent(tmp_path, monkeypatch):
