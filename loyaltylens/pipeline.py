@@ -1006,18 +1006,18 @@ def run_cmd(customer_id: str = typer.Argument(..., help="a customer of the featu
     else: _print_result(r)
 
 def is_loopback(host: str) -> bool:  # an interface name or address
-    "Whether `host` is only reachable from this machine (localhost, 127.0.0.0/8, ::1)."
+    "Whether `host` is only reachable from the host the app runs on (localhost, 127.0.0.0/8, ::1)."
     if host == "localhost": return True
     try: return ipaddress.ip_address(host).is_loopback
     except ValueError: return False
 
 @app.command("serve")
-def serve_cmd(host: str = typer.Option("127.0.0.1", help="interface to bind (127.0.0.1: this machine only; any other needs LOYALTYLENS_API_TOKEN)"),
+def serve_cmd(host: str = typer.Option("127.0.0.1", help="interface to bind (127.0.0.1: the local host only; any other needs LOYALTYLENS_API_TOKEN)"),
               port: int = typer.Option(8000, min=1, max=65535, help="TCP port")):
     "Serve every module's API, /health, /pipeline and the feedback UI (when built) from one FastAPI app."
     import uvicorn
     if not is_loopback(host) and not get_settings().api_token:
-        raise BadInput(f"--host {host} exposes customer data beyond this machine: set LOYALTYLENS_API_TOKEN first (or serve on 127.0.0.1)")
+        raise BadInput(f"--host {host} exposes customer data beyond the local host: set LOYALTYLENS_API_TOKEN first (or serve on 127.0.0.1)")
     uvicorn.run(create_app(), host=host, port=port, log_level="warning", access_log=False)  # httptools and uvloop: uvicorn[standard] installs them, "auto" picks them
 
 # %% ../nbs/07_pipeline.ipynb #62b002cb
